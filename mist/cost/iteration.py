@@ -1,0 +1,202 @@
+"""Time of one engine iteration of a model replica for a mixed batch of prefill chunks and decodes.
+
+Pure JAX: jit-, vmap- and grad-able in the cost parameters, the replica arrays and the batch.
+An iteration's latency covers every layer of the model (all pipeline stages in turn), so
+pipeline parallelism changes the weights each device holds and adds stage-to-stage transfers.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from .params import Comm, CostParams, Op
+from .replica import Replica
+from .roofline import collective_time, kernel_time
+
+#: bytes moved per token and hidden element by a layer's elementwise kernels (two norms, two
+#: residual adds, rotary on q/k), in units of one activation element
+ELEMENTWISE_PASSES_PER_LAYER = 10.0
+#: elementwise kernel launches per layer
+ELEMENTWISE_KERNELS_PER_LAYER = 4.0
+_BIG = 1e30
+
+
+class MixedBatch(eqx.Module):
+    """One iteration's work. Prefill chunks: new tokens and tokens already in the KV cache before
+    the chunk; `prefill_last` marks chunks that finish their prompt (and so sample a token).
+    Decodes: tokens in the KV cache before this step (the new token attends to context + 1)."""
+
+    prefill_tokens: Float[Array, "p"]
+    prefill_context: Float[Array, "p"]
+    prefill_last: Bool[Array, "p"]
+    prefill_mask: Bool[Array, "p"]
+    decode_context: Float[Array, "d"]
+    decode_mask: Bool[Array, "d"]
+
+
+def make_batch(prefill_tokens=(), prefill_context=None, decode_context=(), prefill_last=None,
+               prefill_capacity: int | None = None, decode_capacity: int | None = None) -> MixedBatch:
+    """Build a MixedBatch from Python sequences, padded to the given capacities."""
+    import numpy as np
+
+    pt = np.asarray(prefill_tokens, dtype=np.float32).reshape(-1)
+    pc = np.zeros_like(pt) if prefill_context is None else np.asarray(prefill_context, np.float32).reshape(-1)
+    pl = np.ones(pt.shape, bool) if prefill_last is None else np.asarray(prefill_last, bool).reshape(-1)
+    dc = np.asarray(decode_context, dtype=np.float32).reshape(-1)
+    P = max(prefill_capacity or len(pt), 1)
+    D = max(decode_capacity or len(dc), 1)
+    if len(pt) > P or len(dc) > D:
+        raise ValueError("batch larger than its capacity")
+    pad = lambda a, n, v=0: np.concatenate([a, np.full(n - len(a), v, a.dtype)])  # noqa: E731
+    return MixedBatch(
+        prefill_tokens=jnp.asarray(pad(pt, P)), prefill_context=jnp.asarray(pad(pc, P)),
+        prefill_last=jnp.asarray(pad(pl, P, False)), prefill_mask=jnp.asarray(pad(np.ones(len(pt), bool), P, False)),
+        decode_context=jnp.asarray(pad(dc, D)), decode_mask=jnp.asarray(pad(np.ones(len(dc), bool), D, False)),
+    )
+
+
+def _windowed_pairs(q, c, causal, window):
+    """Query-key pairs of a chunk of q new tokens after c cached ones (causal: only the lower
+    triangle; with a sliding window W each query sees at most W keys)."""
+    full_causal = q * c + q * (q + 1.0) / 2.0
+    bidir = q * (c + q)
+    pairs = causal * full_causal + (1.0 - causal) * bidir
+    # sum_{i=1..q} min(c + i, W): the first n1 queries see c+i keys, the rest see W
+    w = jnp.maximum(window, 1.0)
+    n1 = jnp.clip(w - c, 0.0, q)
+    win = n1 * c + n1 * (n1 + 1.0) / 2.0 + (q - n1) * w
+    return pairs, jnp.where(window > 0, jnp.minimum(win, pairs), pairs)
+
+
+def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> dict[str, Float[Array, ""]]:
+    """Seconds spent per operator class in one iteration (keys: gemm, attn_prefill, attn_decode,
+    moe, elementwise, lm_head, comm, cpu)."""
+    pm = batch.prefill_mask.astype(jnp.float32)
+    dm = batch.decode_mask.astype(jnp.float32)
+    q = batch.prefill_tokens * pm
+    c = batch.prefill_context * pm
+    n_pre_tok = jnp.sum(q)
+    n_dec = jnp.sum(dm)
+    n_seq = jnp.sum(pm) + n_dec
+    T = n_pre_tok + n_dec  # tokens through the linear layers
+    n_sample = jnp.sum(pm * batch.prefill_last.astype(jnp.float32)) + n_dec
+    ab = rep.act_bytes
+    L = rep.num_layers
+
+    # ---- dense GEMMs of all layers
+    g_on = (rep.gemm_n > 0) & (rep.gemm_layers > 0)
+    g_flops = 2.0 * T * rep.gemm_n * rep.gemm_k * rep.gemm_layers
+    g_bytes = rep.gemm_layers * (rep.gemm_n * rep.gemm_k * rep.w_bytes + T * (rep.gemm_n + rep.gemm_k) * ab)
+    g_bytes = jnp.where(T > 0, g_bytes, 0.0)
+    t_gemm = jnp.sum(jnp.where(g_on, kernel_time(params, Op.GEMM, g_flops, g_bytes, rep.peak_gemm, rep.mem_bw,
+                                                   T, rep.gemm_layers), 0.0))
+
+    # ---- LM head (only rows that sample a token)
+    h = rep.hidden
+    lm_flops = 2.0 * n_sample * h * rep.vocab_local * rep.has_lm_head
+    lm_bytes = jnp.where(n_sample > 0, (h * rep.vocab_local * rep.w_bytes
+                                        + n_sample * (h + rep.vocab_local) * ab) * rep.has_lm_head, 0.0)
+    t_lm = kernel_time(params, Op.GEMM, lm_flops, lm_bytes, rep.peak_gemm, rep.mem_bw, n_sample, 1.0)
+
+    # ---- prefill attention (per-sequence efficiency: short chunks use the machine less)
+    full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)
+    full_layers = L - rep.sliding_layers
+    pairs = full_layers * full_pairs + rep.sliding_layers * win_pairs
+    width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
+    pf_flops_i = 2.0 * width * pairs
+    mh = params.m_half[Op.ATTN_PREFILL]
+    pf_flops_eff = jnp.sum(jnp.where(q > 0, pf_flops_i * (q + mh) / jnp.maximum(q, 1.0), 0.0))
+    kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
+    pf_bytes = jnp.sum(kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer))
+    any_pf = n_pre_tok > 0
+    t_attn_p = jnp.where(any_pf, kernel_time(params, Op.ATTN_PREFILL, pf_flops_eff, pf_bytes, rep.peak_attn,
+                                              rep.mem_bw, _BIG, L), 0.0)
+
+    # ---- decode attention (paged, memory bound)
+    att = batch.decode_context + 1.0
+    att_win = jnp.where(rep.window > 0, jnp.minimum(att, rep.window), att)
+    keys = (full_layers * att + rep.sliding_layers * att_win) * dm
+    width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
+    dc_flops = jnp.sum(2.0 * width_d * keys)
+    dc_bytes = jnp.sum(keys * rep.kv_bytes_token_layer + L * dm * width_d * ab)
+    t_attn_d = kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, n_dec, L)
+
+    # ---- mixture of experts (grouped GEMMs over the experts that received tokens)
+    assign = T * rep.top_k
+    frac_hit = 1.0 - jnp.power(jnp.maximum(1.0 - rep.top_k / rep.experts, 0.0), T)
+    local_experts = rep.experts / rep.ep
+    e_w = rep.expert_mats * h * rep.expert_inter
+    moe_flops = rep.moe_layers * 2.0 * (assign / rep.ep) * e_w
+    moe_bytes = rep.moe_layers * (local_experts * frac_hit * e_w * rep.expert_w_bytes
+                                  + (assign / rep.ep) * (2.0 * h + rep.expert_mats * rep.expert_inter) * ab)
+    t_moe = kernel_time(params, Op.MOE, moe_flops, jnp.where(T > 0, moe_bytes, 0.0), rep.peak_expert, rep.mem_bw,
+                        assign / rep.experts, 3.0 * rep.moe_layers)
+
+    # ---- elementwise: norms, residuals, rotary, activations, embedding gather
+    dense_inter = rep.gemm_n[4] * rep.gemm_layers[4]  # gate+up width summed over dense layers
+    ew_bytes = (L * ELEMENTWISE_PASSES_PER_LAYER * T * h * ab + 1.5 * T * dense_inter * ab
+                + T * h * (rep.w_bytes + ab))
+    ew_flops = L * 8.0 * T * h
+    t_ew = jnp.where(T > 0, kernel_time(params, Op.ELEMENTWISE, ew_flops, ew_bytes, rep.peak_vector, rep.mem_bw,
+                                        _BIG, L * ELEMENTWISE_KERNELS_PER_LAYER + 1.0), 0.0)
+
+    # ---- collectives
+    tp_bw = jnp.where(rep.tp <= rep.up_domain, rep.up_bw, rep.out_bw)
+    tp_lat = jnp.where(rep.tp <= rep.up_domain, rep.up_lat, rep.out_lat)
+    ar = collective_time(params, Comm.ALLREDUCE, T * h * ab, rep.tp, tp_bw, tp_lat)
+    t_comm = 2.0 * L * ar
+    t_comm += collective_time(params, Comm.ALLGATHER, n_sample * rep.vocab_local * 4.0 * rep.has_lm_head,
+                              rep.tp, tp_bw, tp_lat)
+    a2a = collective_time(params, Comm.ALLTOALL, (T * rep.top_k / rep.ep) * h * ab, rep.ep, tp_bw, tp_lat)
+    t_comm += 2.0 * rep.moe_layers * a2a
+    span = rep.tp * rep.pp
+    pp_bw = jnp.where(span <= rep.up_domain, rep.up_bw, rep.out_bw)
+    pp_lat = jnp.where(span <= rep.up_domain, rep.up_lat, rep.out_lat)
+    t_comm += (rep.pp - 1.0) * collective_time(params, Comm.SEND_RECV, T * h * ab, 2.0, pp_bw, pp_lat)
+    t_comm = jnp.where(T > 0, t_comm, 0.0)
+
+    # ---- CPU side of the serving engine (scheduling, input preparation, sampling)
+    t_cpu = jnp.where(T > 0, params.cpu_iter + params.cpu_per_seq * n_seq + params.cpu_per_token * T, 0.0)
+
+    return {"gemm": t_gemm, "attn_prefill": t_attn_p, "attn_decode": t_attn_d, "moe": t_moe,
+            "elementwise": t_ew, "lm_head": t_lm, "comm": t_comm, "cpu": t_cpu}
+
+
+def iteration_time(params: CostParams, rep: Replica, batch: MixedBatch) -> Float[Array, ""]:
+    """Seconds for one iteration of `rep` on `batch` (0 for an empty batch)."""
+    parts = iteration_breakdown(params, rep, batch)
+    return sum(parts.values())
+
+
+def device_time(params: CostParams, rep: Replica, batch: MixedBatch) -> Float[Array, ""]:
+    """The accelerator-busy part of an iteration (everything except the CPU-side overhead)."""
+    parts = iteration_breakdown(params, rep, batch)
+    return sum(v for k, v in parts.items() if k != "cpu")
+
+
+def operator_counts(rep: Replica, batch: MixedBatch) -> dict[str, Float[Array, ""]]:
+    """Total FLOPs and bytes of one iteration (no efficiencies), for reports and hand checks."""
+    pm = batch.prefill_mask.astype(jnp.float32)
+    dm = batch.decode_mask.astype(jnp.float32)
+    q = batch.prefill_tokens * pm
+    c = batch.prefill_context * pm
+    T = jnp.sum(q) + jnp.sum(dm)
+    n_sample = jnp.sum(pm * batch.prefill_last.astype(jnp.float32)) + jnp.sum(dm)
+    L = rep.num_layers
+    gemm_flops = jnp.sum(2.0 * T * rep.gemm_n * rep.gemm_k * rep.gemm_layers)
+    gemm_weight_bytes = jnp.sum(rep.gemm_n * rep.gemm_k * rep.gemm_layers) * rep.w_bytes
+    full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)
+    pairs = (L - rep.sliding_layers) * full_pairs + rep.sliding_layers * win_pairs
+    attn_p = jnp.sum(2.0 * rep.heads * (rep.d_qk_prefill + rep.d_v_prefill) * pairs)
+    att = batch.decode_context + 1.0
+    att_win = jnp.where(rep.window > 0, jnp.minimum(att, rep.window), att)
+    keys = ((L - rep.sliding_layers) * att + rep.sliding_layers * att_win) * dm
+    attn_d = jnp.sum(2.0 * rep.heads * (rep.d_qk_decode + rep.d_v_decode) * keys)
+    kv_read_decode = jnp.sum(keys * rep.kv_bytes_token_layer)
+    moe_flops = rep.moe_layers * 2.0 * T * rep.top_k * rep.expert_mats * rep.hidden * rep.expert_inter / rep.ep
+    lm = 2.0 * n_sample * rep.hidden * rep.vocab_local * rep.has_lm_head
+    return {"gemm_flops": gemm_flops, "gemm_weight_bytes": gemm_weight_bytes, "attn_prefill_flops": attn_p,
+            "attn_decode_flops": attn_d, "kv_read_decode_bytes": kv_read_decode, "moe_flops": moe_flops,
+            "lm_head_flops": lm}

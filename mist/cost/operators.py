@@ -1,0 +1,70 @@
+"""Single-operator time predictions, the same formulas the iteration cost uses, exposed per kernel
+so that calibration can compare them with measured operator timings. All arguments are arrays
+(vectorised over rows of a measurement table); bytes per element are numbers (2.0 for bf16)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .iteration import _windowed_pairs
+from .params import Comm, CostParams, Op
+from .roofline import collective_time, kernel_time
+
+_BIG = 1e30
+
+
+def gemm_time(params: CostParams, m, n, k, peak_flops, mem_bw, w_bytes=2.0, a_bytes=2.0):
+    """C[m,n] = A[m,k] @ W[k,n] on one device."""
+    flops = 2.0 * m * n * k
+    bytes_ = n * k * w_bytes + m * (n + k) * a_bytes
+    return kernel_time(params, Op.GEMM, flops, bytes_, peak_flops, mem_bw, m, 1.0)
+
+
+def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads, head_dim, peak_flops, mem_bw,
+                      kv_bytes=2.0, a_bytes=2.0, causal=1.0, window=0.0):
+    """`batch` sequences each adding q_len tokens to a context of kv_len tokens (kv_len includes
+    the new ones), on one device holding `heads` query and `kv_heads` KV heads."""
+    c = jnp.maximum(kv_len - q_len, 0.0)
+    _, pairs = _windowed_pairs(q_len, c, causal, window)
+    flops = batch * 4.0 * heads * head_dim * pairs
+    mh = params.m_half[Op.ATTN_PREFILL]
+    flops_eff = flops * (q_len + mh) / jnp.maximum(q_len, 1.0)
+    kv_tok = 2.0 * kv_heads * head_dim * kv_bytes
+    bytes_ = batch * (kv_len * kv_tok + q_len * (2.0 * heads * head_dim * a_bytes + kv_tok))
+    return kernel_time(params, Op.ATTN_PREFILL, flops_eff, bytes_, peak_flops, mem_bw, _BIG, 1.0)
+
+
+def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_dim, peak_flops, mem_bw,
+                     kv_bytes=2.0, a_bytes=2.0, d_v=None, kv_tok_bytes=None):
+    """`batch` sequences each decoding one token attending to kv_len keys (including itself).
+    MLA: pass head_dim = latent+rope width, d_v = latent width and kv_tok_bytes explicitly."""
+    d_v = head_dim if d_v is None else d_v
+    kv_tok = 2.0 * kv_heads * head_dim * kv_bytes if kv_tok_bytes is None else kv_tok_bytes
+    flops = batch * 2.0 * heads * (head_dim + d_v) * kv_len
+    bytes_ = batch * (kv_len * kv_tok + heads * (head_dim + d_v) * a_bytes)
+    return kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, batch, 1.0)
+
+
+def moe_time(params: CostParams, num_tokens, hidden, inter, num_experts, top_k, peak_flops, mem_bw,
+             ep=1.0, tp=1.0, w_bytes=2.0, a_bytes=2.0, mats=3.0):
+    """One MoE layer's grouped expert GEMMs on one device (experts split over ep, each expert's
+    intermediate split over tp/ep)."""
+    inter_local = inter * ep / tp
+    assign = num_tokens * top_k
+    frac_hit = 1.0 - jnp.power(jnp.maximum(1.0 - top_k / num_experts, 0.0), num_tokens)
+    e_w = mats * hidden * inter_local
+    flops = 2.0 * (assign / ep) * e_w
+    bytes_ = (num_experts / ep) * frac_hit * e_w * w_bytes + (assign / ep) * (2.0 * hidden + mats * inter_local) * a_bytes
+    return kernel_time(params, Op.MOE, flops, bytes_, peak_flops, mem_bw, assign / num_experts, 3.0)
+
+
+def elementwise_time(params: CostParams, bytes_, mem_bw, flops=0.0, peak_flops=1e15, kernels=1.0):
+    """A memory-bound kernel (norm, activation, softmax) moving `bytes_`."""
+    return kernel_time(params, Op.ELEMENTWISE, flops, bytes_, peak_flops, mem_bw, _BIG, kernels)
+
+
+def comm_time(params: CostParams, kind: str, message_bytes, num_devices, bandwidth, latency):
+    """A collective: kind in allreduce, allgather, reducescatter, alltoall, send_recv."""
+    comm = {"allreduce": Comm.ALLREDUCE, "allgather": Comm.ALLGATHER, "reducescatter": Comm.ALLGATHER,
+            "alltoall": Comm.ALLTOALL, "send_recv": Comm.SEND_RECV}[kind]
+    return collective_time(params, comm, message_bytes, num_devices, bandwidth, latency)

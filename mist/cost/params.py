@@ -1,0 +1,256 @@
+"""Efficiency and overhead parameters of the cost model: one equinox module per device.
+
+Every field is an unconstrained array (logits or logs) so that optax can fit it directly;
+properties map them to the physical quantities (fractions of peak, seconds). Defaults are sane
+for uncalibrated hardware; fitted values are JSON files under calibration/params/ that
+`load_params(device_name)` picks up by default.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum
+from pathlib import Path
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+
+class Op(IntEnum):
+    """Operator classes that share efficiency parameters."""
+
+    GEMM = 0  # dense linear layers, LM head
+    ATTN_PREFILL = 1  # causal (or bidirectional) attention over a prompt chunk
+    ATTN_DECODE = 2  # paged attention of one new token over its context
+    MOE = 3  # grouped expert GEMMs
+    ELEMENTWISE = 4  # norms, activations, rotary, residuals, embedding gather
+
+
+class Comm(IntEnum):
+    """Collective classes that share link-efficiency parameters."""
+
+    ALLREDUCE = 0
+    ALLGATHER = 1
+    ALLTOALL = 2
+    SEND_RECV = 3
+
+
+NUM_OPS = len(Op)
+NUM_COMMS = len(Comm)
+
+
+def _logit(p):
+    p = np.asarray(p, dtype=np.float32)
+    return np.log(p) - np.log1p(-p)
+
+
+class CostParams(eqx.Module):
+    """Fitted (or default) efficiency terms of one device's cost model.
+
+    Per operator class (index `Op`):
+      compute_logit: peak compute efficiency, sigmoid(.) in (0, 1)
+      memory_logit: memory-bandwidth efficiency, sigmoid(.) in (0, 1)
+      log_m_half: log of the rows (tokens) at which a kernel reaches half its peak compute efficiency
+      log_overhead: log seconds of fixed per-kernel time (launch, tail, synchronisation)
+      log_sharpness: log of the exponent p of the smooth max of compute and memory time
+    Per collective class (index `Comm`):
+      comm_bw_logit: achieved fraction of the link bandwidth
+      log_comm_latency_scale: multiplier on the link's per-step latency
+    Per engine iteration (CPU side, fitted end to end):
+      log_cpu_iter: seconds of fixed scheduler/launch work per iteration
+      log_cpu_per_seq: seconds per scheduled sequence (input preparation, sampling)
+      log_cpu_per_token: seconds per batched token (input preparation)
+    Stochastic: step_noise_sigma: sigma of a lognormal multiplier on step times (0 = off).
+    """
+
+    compute_logit: Float[Array, "ops"]
+    memory_logit: Float[Array, "ops"]
+    log_m_half: Float[Array, "ops"]
+    log_overhead: Float[Array, "ops"]
+    log_sharpness: Float[Array, "ops"]
+    comm_bw_logit: Float[Array, "comms"]
+    log_comm_latency_scale: Float[Array, "comms"]
+    log_cpu_iter: Float[Array, ""]
+    log_cpu_per_seq: Float[Array, ""]
+    log_cpu_per_token: Float[Array, ""]
+    step_noise_sigma: Float[Array, ""]
+
+    # --- physical views
+    @property
+    def compute_eff(self):
+        return jax_sigmoid(self.compute_logit)
+
+    @property
+    def memory_eff(self):
+        return jax_sigmoid(self.memory_logit)
+
+    @property
+    def m_half(self):
+        return jnp.exp(self.log_m_half)
+
+    @property
+    def overhead(self):
+        return jnp.exp(self.log_overhead)
+
+    @property
+    def sharpness(self):
+        return jnp.exp(self.log_sharpness)
+
+    @property
+    def comm_bw_eff(self):
+        return jax_sigmoid(self.comm_bw_logit)
+
+    @property
+    def comm_latency_scale(self):
+        return jnp.exp(self.log_comm_latency_scale)
+
+    @property
+    def cpu_iter(self):
+        return jnp.exp(self.log_cpu_iter)
+
+    @property
+    def cpu_per_seq(self):
+        return jnp.exp(self.log_cpu_per_seq)
+
+    @property
+    def cpu_per_token(self):
+        return jnp.exp(self.log_cpu_per_token)
+
+    # --- serialisation
+    def to_dict(self) -> dict:
+        """Physical values (what a person reads in the JSON file)."""
+        f = lambda x: np.asarray(x, dtype=np.float64).tolist()  # noqa: E731
+        return {
+            "ops": {op.name.lower(): {
+                "compute_eff": f(self.compute_eff[op]),
+                "memory_eff": f(self.memory_eff[op]),
+                "m_half_tokens": f(self.m_half[op]),
+                "overhead_us": f(self.overhead[op] * 1e6),
+                "sharpness": f(self.sharpness[op]),
+            } for op in Op},
+            "comms": {c.name.lower(): {
+                "bw_eff": f(self.comm_bw_eff[c]),
+                "latency_scale": f(self.comm_latency_scale[c]),
+            } for c in Comm},
+            "cpu": {
+                "iter_us": f(self.cpu_iter * 1e6),
+                "per_seq_us": f(self.cpu_per_seq * 1e6),
+                "per_token_us": f(self.cpu_per_token * 1e6),
+            },
+            "step_noise_sigma": f(self.step_noise_sigma),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "<params>") -> "CostParams":
+        from ..specs.errors import SpecError
+
+        try:
+            ops, comms, cpu = d["ops"], d["comms"], d["cpu"]
+            return make_params(
+                compute_eff=[ops[o.name.lower()]["compute_eff"] for o in Op],
+                memory_eff=[ops[o.name.lower()]["memory_eff"] for o in Op],
+                m_half=[ops[o.name.lower()]["m_half_tokens"] for o in Op],
+                overhead_s=[ops[o.name.lower()]["overhead_us"] * 1e-6 for o in Op],
+                sharpness=[ops[o.name.lower()]["sharpness"] for o in Op],
+                comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
+                comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
+                cpu_iter_s=cpu["iter_us"] * 1e-6,
+                cpu_per_seq_s=cpu["per_seq_us"] * 1e-6,
+                cpu_per_token_s=cpu["per_token_us"] * 1e-6,
+                step_noise_sigma=d.get("step_noise_sigma", 0.0),
+            )
+        except (KeyError, TypeError) as e:
+            raise SpecError(where, str(e), "missing or malformed cost parameter",
+                            "regenerate the file with `mist calibrate`") from None
+
+
+def jax_sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
+                comm_latency_scale, cpu_iter_s, cpu_per_seq_s, cpu_per_token_s,
+                step_noise_sigma=0.0) -> CostParams:
+    """Build CostParams from physical values."""
+    a = lambda x: jnp.asarray(np.asarray(x, dtype=np.float32))  # noqa: E731
+    clip = lambda p: np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)  # noqa: E731
+    pos = lambda x: np.maximum(np.asarray(x, dtype=np.float64), 1e-12)  # noqa: E731
+    return CostParams(
+        compute_logit=a(_logit(clip(compute_eff))),
+        memory_logit=a(_logit(clip(memory_eff))),
+        log_m_half=a(np.log(pos(m_half))),
+        log_overhead=a(np.log(pos(overhead_s))),
+        log_sharpness=a(np.log(pos(sharpness))),
+        comm_bw_logit=a(_logit(clip(comm_bw_eff))),
+        log_comm_latency_scale=a(np.log(pos(comm_latency_scale))),
+        log_cpu_iter=a(np.log(pos(cpu_iter_s))),
+        log_cpu_per_seq=a(np.log(pos(cpu_per_seq_s))),
+        log_cpu_per_token=a(np.log(pos(cpu_per_token_s))),
+        step_noise_sigma=a(step_noise_sigma),
+    )
+
+
+def default_params(kind: str = "gpu") -> CostParams:
+    """Uncalibrated defaults: typical fractions of peak reached by tuned serving kernels.
+
+    GPUs and accelerators: dense GEMMs ~75% of peak compute, attention ~55% (prefill) and ~70%
+    of memory bandwidth (decode), elementwise kernels ~70% of bandwidth, a few microseconds of
+    fixed time per kernel, NCCL-like collectives at ~75% of link bandwidth. CPUs reach a lower
+    fraction of their (AMX/AVX-512) peak and pay more per kernel.
+    """
+    if kind == "cpu":
+        return make_params(
+            compute_eff=[0.45, 0.30, 0.30, 0.35, 0.30],
+            memory_eff=[0.60, 0.55, 0.60, 0.55, 0.50],
+            m_half=[16.0, 64.0, 1.0, 8.0, 1.0],
+            overhead_s=[2e-5, 3e-5, 2e-5, 3e-5, 1e-5],
+            sharpness=[3.0] * NUM_OPS,
+            comm_bw_eff=[0.6] * NUM_COMMS,
+            comm_latency_scale=[1.0] * NUM_COMMS,
+            cpu_iter_s=1e-3, cpu_per_seq_s=2e-5, cpu_per_token_s=1e-7,
+        )
+    return make_params(
+        compute_eff=[0.75, 0.55, 0.40, 0.60, 0.50],
+        memory_eff=[0.80, 0.70, 0.70, 0.75, 0.70],
+        m_half=[24.0, 64.0, 1.0, 8.0, 1.0],
+        overhead_s=[2e-6, 3e-6, 3e-6, 4e-6, 1.5e-6],
+        sharpness=[3.0] * NUM_OPS,
+        comm_bw_eff=[0.75, 0.75, 0.6, 0.8],
+        comm_latency_scale=[1.0] * NUM_COMMS,
+        cpu_iter_s=1e-3, cpu_per_seq_s=1e-5, cpu_per_token_s=1e-8,
+    )
+
+
+def params_dirs() -> list[Path]:
+    """Where fitted parameter files are looked up: the repo's calibration/params, then the wheel's."""
+    here = Path(__file__).resolve()
+    return [here.parents[2] / "calibration" / "params", here.parents[1] / "_bundled" / "params"]
+
+
+def params_path(device_name: str) -> Path | None:
+    for d in params_dirs():
+        p = d / f"{device_name}.json"
+        if p.exists():
+            return p
+    return None
+
+
+def load_params(device_name: str, kind: str = "gpu") -> tuple[CostParams, str]:
+    """Fitted parameters for a device if a file exists, else defaults; returns (params, origin)."""
+    p = params_path(device_name)
+    if p is None:
+        return default_params(kind), "default (uncalibrated)"
+    d = json.loads(p.read_text())
+    return CostParams.from_dict(d["params"] if "params" in d else d, str(p)), d.get("origin", str(p))
+
+
+def save_params(params: CostParams, device_name: str, meta: dict | None = None,
+                directory: Path | None = None) -> Path:
+    directory = directory or params_dirs()[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    p = directory / f"{device_name}.json"
+    out = {"device": device_name, **(meta or {}), "params": params.to_dict()}
+    p.write_text(json.dumps(out, indent=2) + "\n")
+    return p

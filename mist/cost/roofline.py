@@ -1,0 +1,60 @@
+"""Smooth, differentiable roofline: time of a kernel from its FLOPs and bytes.
+
+time = overhead + smax(compute time, memory time), where
+  compute time = FLOPs / (peak * eff_c * rows / (rows + m_half))   (small kernels reach less of peak)
+  memory time  = bytes / (bandwidth * eff_m)
+  smax(a, b)   = (a^p + b^p)^(1/p)  (p -> inf is the hard roofline; finite p models partial overlap)
+All inputs are arrays; absent kernels (zero work) cost nothing, including no overhead.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .params import Comm, CostParams
+
+_TINY = 1e-30
+
+
+def smooth_max(a, b, p):
+    """(a^p + b^p)^(1/p) for a, b >= 0, computed without overflow and with finite gradients at 0."""
+    m = jnp.maximum(jnp.maximum(a, b), _TINY)
+    ra, rb = a / m, b / m
+    s = jnp.power(jnp.maximum(ra, _TINY), p) + jnp.power(jnp.maximum(rb, _TINY), p)
+    return jnp.where(jnp.maximum(a, b) > 0, m * jnp.power(s, 1.0 / p), 0.0)
+
+
+def kernel_time(params: CostParams, op: int, flops, bytes_, peak_flops, bandwidth, rows, kernels):
+    """Time (s) of `kernels` launches of operator class `op` doing `flops` and moving `bytes_` in all.
+
+    `rows` is the M dimension that decides how well a kernel fills the machine (tokens for a
+    GEMM, query tokens for attention); `kernels` the number of launches (0 when absent).
+    """
+    rows = jnp.maximum(rows, _TINY)
+    eff_c = params.compute_eff[op] * rows / (rows + params.m_half[op])
+    t_c = flops / (peak_flops * eff_c)
+    t_m = bytes_ / (bandwidth * params.memory_eff[op])
+    active = (flops + bytes_) > 0
+    return jnp.where(active, smooth_max(t_c, t_m, params.sharpness[op]) + kernels * params.overhead[op], 0.0)
+
+
+def collective_time(params: CostParams, comm: int, size_bytes, group, bandwidth, latency):
+    """Time (s) of one collective over `group` devices on a link of `bandwidth` (B/s per direction).
+
+    all-reduce (ring/tree):  2 (g-1)/g * S / bw + 2 log2(g) * lat
+    all-gather, all-to-all:  (g-1)/g * S / bw   +   log2(g) * lat      (S = total bytes per device)
+    send/recv:               S / bw + lat
+    """
+    g = jnp.maximum(group, 1.0)
+    frac = (g - 1.0) / g
+    steps = jnp.log2(g)
+    bw = bandwidth * params.comm_bw_eff[comm]
+    lat = latency * params.comm_latency_scale[comm]
+    if comm == Comm.ALLREDUCE:
+        t = 2.0 * frac * size_bytes / bw + 2.0 * steps * lat
+    elif comm == Comm.SEND_RECV:
+        t = size_bytes / bw + lat
+    else:
+        t = frac * size_bytes / bw + steps * lat
+    active = (size_bytes > 0) & ((g > 1.0) | (comm == Comm.SEND_RECV))
+    return jnp.where(active, t, 0.0)
