@@ -32,7 +32,8 @@ class UnknownNameError(KeyError):
         lower_to_orig = {c.lower(): c for c in cands}
         self.suggestions = [lower_to_orig[c] for c in close]
         hint = f" Did you mean: {', '.join(self.suggestions)}?" if self.suggestions else ""
-        super().__init__(f"unknown {kind} '{name}'.{hint} Run `mist {kind.split()[0]}s` for the list, "
+        listing = "hardware" if kind == "hardware" else kind + "s"
+        super().__init__(f"unknown {kind} '{name}'.{hint} Run `mist {listing}` for the list, "
                          f"or pass a path to your own spec file.")
         self.msg = str(self.args[0])
 
