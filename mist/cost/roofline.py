@@ -18,10 +18,15 @@ _TINY = 1e-30
 
 def smooth_max(a, b, p):
     """(a^p + b^p)^(1/p) for a, b >= 0, computed without overflow and with finite gradients at 0."""
-    m = jnp.maximum(jnp.maximum(a, b), _TINY)
+    big = jnp.maximum(a, b)
+    on = big > 0
+    # "double where": with a = b = 0 every intermediate stays finite, so that the gradient of the
+    # untaken branch is 0 rather than 0 * inf = NaN (s^(1/p) has an infinite slope at s = 0)
+    m = jnp.where(on, big, 1.0)
     ra, rb = a / m, b / m
     s = jnp.power(jnp.maximum(ra, _TINY), p) + jnp.power(jnp.maximum(rb, _TINY), p)
-    return jnp.where(jnp.maximum(a, b) > 0, m * jnp.power(s, 1.0 / p), 0.0)
+    s = jnp.where(on, s, 1.0)
+    return jnp.where(on, m * jnp.power(s, 1.0 / p), 0.0)
 
 
 def kernel_time(params: CostParams, op: int, flops, bytes_, peak_flops, bandwidth, rows, kernels):
@@ -42,8 +47,11 @@ def collective_time(params: CostParams, comm: int, size_bytes, group, bandwidth,
     """Time (s) of one collective over `group` devices on a link of `bandwidth` (B/s per direction).
 
     all-reduce (ring/tree):  2 (g-1)/g * S / bw + 2 log2(g) * lat
-    all-gather, all-to-all:  (g-1)/g * S / bw   +   log2(g) * lat      (S = total bytes per device)
+    all-gather, all-to-all:  (g-1)/g * S / bw   +   log2(g) * lat
     send/recv:               S / bw + lat
+    S is the size of the whole buffer on each device: the (reduced) tensor for all-reduce, the
+    gathered result (g shards) for all-gather (the input for reduce-scatter), each device's send
+    buffer for all-to-all, the message for send/recv.
     """
     g = jnp.maximum(group, 1.0)
     frac = (g - 1.0) / g
