@@ -1,0 +1,412 @@
+"""One scan step of the engine: route the next arrivals, or advance the client whose next event
+comes first by one iteration (or, for a decode-only batch, by a stretch of iterations that ends
+exactly where the per-iteration engine would see its next event).
+
+Work per step is proportional to the batch slots, the admission window and the stretch length,
+never to the whole workload: requests enter through a cursor over arrival-sorted arrays, waiting
+requests sit in per-client ring-buffer queues, and outputs are written at the affected rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..cost.iteration import MixedBatch, iteration_time
+from .state import INF, EngineState, itl_bin_edges
+from .tables import ClientTable, EngineDims, Kind, Policy, Reject, Role, Router, Topology, Workload
+
+I32 = jnp.int32
+F64 = jnp.float64
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _excl_cumsum(x):
+    return jnp.cumsum(x) - x
+
+
+def _quantise_ns(dt):
+    """Round a duration to whole nanoseconds (exact sums in any order); straight-through gradient."""
+    q = jnp.round(dt * 1e9) / 1e9
+    return dt + jax.lax.stop_gradient(q - dt)
+
+
+def client_event_times(dims: EngineDims, cl: ClientTable, st: EngineState, all_arrived):
+    """When each client next acts: now if it has a running batch, else when its queue lets it start."""
+    C, Q = dims.num_clients, dims.queue
+    rows = jnp.arange(C)
+    active = (st.s_rid >= 0).any(axis=1)
+    qlen = st.q_tail - st.q_head
+    head_ready = st.q_ready[rows, st.q_head % Q]
+    full = jnp.minimum(cl.max_num_seqs, dims.slots)
+    kth = st.q_head + jnp.clip(jnp.minimum(full, qlen) - 1, 0, None)
+    kth_ready = st.q_ready[rows, kth % Q]
+    static_ready = jnp.where((qlen >= full) | all_arrived, kth_ready, INF)
+    start = jnp.where(cl.policy == Policy.STATIC, static_ready, head_ready)
+    t = jnp.where(active, st.t_free, jnp.where(qlen > 0, jnp.maximum(st.t_free, start), INF))
+    return jnp.where(cl.enabled, t, INF)
+
+
+# ----------------------------------------------------------------------------------------- routing
+def _stage_shape(cl: ClientTable, topo: Topology, wl: Workload, rid, stage, client):
+    """Prompt and output tokens of request `rid` at `stage` when served by `client`."""
+    pipe = wl.pipeline[rid]
+    prompt = wl.input_tokens[rid] + topo.stage_extra_prompt[pipe, stage]
+    role = cl.role[client]
+    target = jnp.where(cl.kind[client] == Kind.SERVER, 0,
+                       jnp.where(role == Role.PREFILL_ONLY, 1, wl.output_tokens[rid]))
+    return prompt.astype(I32), target.astype(I32)
+
+
+def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st: EngineState,
+                   rid, stage, t_ready, kv_bytes, from_client, mask) -> EngineState:
+    """Send items (request, stage) to a client of the stage's pool and append them to its queue.
+
+    Items are vectors of length M; `from_client` < 0 means a fresh arrival (no link to cross).
+    Requests that can never be served there are rejected with a reason.
+    """
+    C, Q = dims.num_clients, dims.queue
+    M = rid.shape[0]
+    rid_s = jnp.clip(rid, 0, dims.num_requests - 1)
+    pipe = wl.pipeline[rid_s]
+    pool = topo.pipeline_pools[pipe, jnp.clip(stage, 0, dims.stages - 1)]
+    has_pool = (pool >= 0) & (stage < dims.stages)
+    pool_s = jnp.clip(pool, 0, dims.pools - 1)
+    members = topo.pool_members[pool_s] & cl.enabled[None, :]  # [M, C]
+    n_mem = members.sum(axis=1)
+    live = mask & has_pool & (n_mem > 0)
+    # rank of each item among the items going to the same pool in this step
+    same_pool = (pool_s[:, None] == pool_s[None, :]) & live[None, :] & (jnp.arange(M)[None, :] < jnp.arange(M)[:, None])
+    rank = same_pool.sum(axis=1)
+    router = topo.router[pool_s]
+    nm = jnp.maximum(n_mem, 1)
+    k_rr = (st.rr[pool_s] + rank) % nm
+    k_pfx = jnp.where(wl.prefix_key[rid_s] >= 0, wl.prefix_key[rid_s] % nm, k_rr)
+    member_pos = jnp.cumsum(members, axis=1) - 1  # position of each client among its pool's members
+    k = jnp.where(router == Router.PREFIX_AFFINITY, k_pfx, k_rr)
+    by_index = jnp.argmax(members & (member_pos == k[:, None]), axis=1)
+    load = jnp.where(members, st.outstanding[None, :], INF)
+    by_load = jnp.argsort(load, axis=1)[jnp.arange(M), rank % nm]
+    client = jnp.where(router == Router.LEAST_OUTSTANDING, by_load, by_index).astype(I32)
+    rr = st.rr.at[pool_s].add(jnp.where(live & (router == Router.ROUND_ROBIN), 1, 0).astype(I32))
+
+    # feasibility on the chosen client
+    prompt, target = _stage_shape(cl, topo, wl, rid_s, stage, client)
+    bs = cl.block_size[client]
+    is_llm = cl.kind[client] == Kind.LLM
+    cached = jnp.minimum(wl.cached_tokens[rid_s], jnp.maximum(prompt - 1, 0))
+    kv_bad = is_llm & (_cdiv(prompt + target, bs) > cl.kv_blocks[client])
+    ctx_bad = is_llm & (prompt + target > cl.max_model_len[client])
+    tok_bad = is_llm & (cl.policy[client] != Policy.CHUNKED) & (cl.role[client] != Role.DECODE_ONLY) & \
+        (prompt - cached > cl.max_batched_tokens[client])
+    same_client = (client[:, None] == client[None, :]) & (jnp.arange(M)[None, :] < jnp.arange(M)[:, None])
+    reason = jnp.where(~has_pool | (n_mem == 0), Reject.NO_CLIENT,
+                       jnp.where(ctx_bad, Reject.CONTEXT_LENGTH, jnp.where(kv_bad, Reject.KV_CAPACITY,
+                                 jnp.where(tok_bad, Reject.BATCH_TOKENS, Reject.NONE))))
+    ok0 = mask & (reason == Reject.NONE)
+    crank = (same_client & ok0[None, :]).sum(axis=1)
+    pos = st.q_tail[client] + crank
+    full = pos - st.q_head[client] >= Q
+    reason = jnp.where(ok0 & full, Reject.QUEUE_FULL, reason).astype(I32)
+    ok = ok0 & ~full
+    rejected = mask & (reason != Reject.NONE)
+
+    # link crossing (transfer of the KV cache, or just the latency of a message)
+    fc = jnp.clip(from_client, 0, C - 1)
+    hop = jnp.where(from_client >= 0,
+                    topo.link_latency[fc, client] + kv_bytes / topo.link_bandwidth[fc, client], 0.0)
+    ready = t_ready + hop
+    slot = jnp.where(ok, pos % Q, Q)  # out-of-range index: dropped by mode="drop"
+    cidx = jnp.where(ok, client, C)
+    q_rid = st.q_rid.at[cidx, slot].set(rid.astype(I32), mode="drop")
+    q_stage = st.q_stage.at[cidx, slot].set(stage.astype(I32), mode="drop")
+    q_ready = st.q_ready.at[cidx, slot].set(ready, mode="drop")
+    q_tail = st.q_tail.at[cidx].add(1, mode="drop")
+    outstanding = st.outstanding.at[cidx].add((prompt + target).astype(F64), mode="drop")
+    ridx = jnp.where(rejected, rid_s, dims.num_requests)
+    return eqx_replace(st, q_rid=q_rid, q_stage=q_stage, q_ready=q_ready, q_tail=q_tail, outstanding=outstanding,
+                       rr=rr,
+                       o_reject=st.o_reject.at[ridx].set(reason, mode="drop"),
+                       completed=st.completed + rejected.sum().astype(I32))
+
+
+def eqx_replace(st: EngineState, **kw) -> EngineState:
+    import dataclasses
+
+    return dataclasses.replace(st, **kw)
+
+
+# ---------------------------------------------------------------------------------------- arrivals
+def arrival_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_valid, st: EngineState,
+                 t_limit) -> EngineState:
+    """Route the arrivals due no later than the next client event (at least one)."""
+    A = dims.window
+    idx = st.cursor + jnp.arange(A, dtype=I32)
+    idx_s = jnp.clip(idx, 0, dims.num_requests - 1)
+    t_first = wl.arrival[jnp.clip(st.cursor, 0, dims.num_requests - 1)]
+    due = (idx < n_valid) & (wl.arrival[idx_s] <= jnp.maximum(t_limit, t_first))
+    due = jnp.cumprod(due).astype(bool)
+    st = route_and_push(dims, cl, topo, wl, st, idx, jnp.zeros(A, I32), wl.arrival[idx_s], jnp.zeros(A, F64),
+                        jnp.full(A, -1, I32), due)
+    return eqx_replace(st, cursor=st.cursor + due.sum().astype(I32))
+
+
+# ------------------------------------------------------------------------------------ client steps
+def _gather_client(tree, c):
+    return jax.tree.map(lambda x: x[c], tree)
+
+
+def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st: EngineState, c,
+                t, t_before, t_after) -> EngineState:
+    """Run client `c`'s next iteration (or decode stretch) starting at time `t`."""
+    S, A, Q, W, K = dims.slots, min(dims.window, dims.slots), dims.queue, dims.stretch, dims.stages
+    pol, role, kind = cl.policy[c], cl.role[c], cl.kind[c]
+    bs, cap = cl.block_size[c], cl.kv_blocks[c]
+    is_llm = kind == Kind.LLM
+    exclusive = pol != Policy.CHUNKED
+    s_eff = jnp.minimum(cl.max_num_seqs[c], S)
+
+    rid, stage, prompt = st.s_rid[c], st.s_stage[c], st.s_prompt[c]
+    done, pf_target, prefill = st.s_done[c], st.s_pf_target[c], st.s_prefill[c]
+    gen, target, order, last_tok = st.s_gen[c], st.s_target[c], st.s_order[c], st.s_last_tok[c]
+    active = rid >= 0
+    decoding = active & ~prefill & (gen < target)
+    held = jnp.where(active, jnp.where(prefill, pf_target, prompt + gen), 0)
+    blocks_held = _cdiv(held, bs)
+    grown = jnp.where(decoding, _cdiv(prompt + gen + 1, bs), blocks_held)
+
+    # ---- queue window
+    qlen = st.q_tail[c] - st.q_head[c]
+    w = jnp.arange(A, dtype=I32)
+    qpos = (st.q_head[c] + w) % Q
+    w_rid = st.q_rid[c, qpos]
+    w_stage = st.q_stage[c, qpos]
+    w_ready = st.q_ready[c, qpos]
+    inq = w < qlen
+    rdy = jnp.cumprod(inq & (w_ready <= t)).astype(bool)
+    w_rid_s = jnp.clip(w_rid, 0, dims.num_requests - 1)
+    w_prompt, w_target = _stage_shape(cl, topo, wl, w_rid_s, w_stage, c)
+    gen0 = st.r_gen[w_rid_s]
+    pre0 = st.r_preempted[w_rid_s]
+    direct = (role == Role.DECODE_ONLY) & ~pre0 & (gen0 > 0)  # KV arrived over the link
+    w_cached = jnp.where(gen0 == 0, jnp.minimum(wl.cached_tokens[w_rid_s], jnp.maximum(w_prompt - 1, 0)), 0)
+    w_done = jnp.where(direct, w_prompt, w_cached)
+    w_pf_target = w_prompt + gen0
+    w_need = jnp.where(direct, 0, w_pf_target - w_done)
+    w_blocks = jnp.where(is_llm, _cdiv(jnp.where(direct, w_prompt + gen0, w_pf_target), bs), 0)
+
+    # ---- preemption (recompute) when the running decodes outgrow the KV cache
+    n_dec = decoding.sum()
+    run_chunk_cap = jnp.where(prefill, jnp.minimum(pf_target - done, cl.chunk_size[c]), 0)
+    need_blocks = jnp.where(active, grown, 0).sum()
+    # exclusive policies only grow decodes when they do not admit; test admission first
+    n_active = active.sum()
+    free_slots = s_eff - n_active
+    gate = jnp.where(pol == Policy.CHUNKED, True,
+                     jnp.where(pol == Policy.CONTINUOUS, True, n_active == 0))
+    n_ready = rdy.sum()
+    gate = gate & jnp.where(pol == Policy.STATIC, (n_ready >= s_eff) | (st.cursor >= wl.valid.sum()), True)
+    # token budget left for new prefills
+    run_prefill_tokens = jnp.where(exclusive, 0, run_chunk_cap.sum())
+    budget = cl.max_batched_tokens[c] - jnp.where(exclusive, 0, n_dec) - run_prefill_tokens
+    capped = jnp.where(exclusive, w_need, jnp.minimum(w_need, cl.chunk_size[c]))
+    before = _excl_cumsum(capped)
+    w_chunk = jnp.where(exclusive, w_need, jnp.clip(budget - before, 0, capped))
+    tok_ok = jnp.where(exclusive, before + w_need <= budget, (w_chunk > 0) | (w_need == 0))
+    tok_ok = tok_ok | ~is_llm
+    free_blocks = cap - jnp.where(exclusive, blocks_held.sum(), need_blocks)
+    kv_ok = (jnp.cumsum(w_blocks) <= free_blocks) | ~is_llm
+    slot_ok = w < free_slots
+    preempt_chunked = (~exclusive) & (need_blocks > cap)
+    admit = jnp.cumprod(rdy & tok_ok & kv_ok & slot_ok).astype(bool) & gate & ~preempt_chunked
+    n_admit = admit.sum().astype(I32)
+    # an exclusive policy that admits runs a prefill-only iteration; otherwise it decodes
+    prefill_iter = exclusive & (n_admit > 0)
+    preempting = is_llm & jnp.where(exclusive, ~prefill_iter & (need_blocks > cap), preempt_chunked)
+
+    # LIFO victims: latest admitted first, until the grown batch fits
+    vict_key = jnp.where(active, -order, jnp.iinfo(jnp.int32).max)
+    by_recency = jnp.argsort(vict_key)  # most recent first
+    freed = jnp.cumsum(jnp.where(active, grown, 0)[by_recency])
+    excess = need_blocks - cap
+    # victim j (in recency order) is needed while the blocks freed before it do not cover the excess
+    victim_sorted = (freed - jnp.where(active, grown, 0)[by_recency] < excess) & active[by_recency] & preempting
+    victim = jnp.zeros(S, bool).at[by_recency].set(victim_sorted)
+    n_vict = victim.sum().astype(I32)
+
+    # ---- push victims back to the queue front, oldest first
+    vrank = jnp.argsort(jnp.where(victim, order, jnp.iinfo(jnp.int32).max))  # victims by admission order
+    vpos = jnp.arange(S, dtype=I32)
+    new_head = st.q_head[c] - n_vict
+    v_rid = rid[vrank]
+    vslot = jnp.where(vpos < n_vict, (new_head + vpos) % Q, Q)
+    q_rid = st.q_rid.at[c, vslot].set(v_rid, mode="drop")
+    q_stage = st.q_stage.at[c, vslot].set(stage[vrank], mode="drop")
+    q_ready = st.q_ready.at[c, vslot].set(jnp.full(S, t, F64), mode="drop")
+    vr = jnp.where(victim, rid, dims.num_requests)
+    r_gen = st.r_gen.at[vr].set(gen, mode="drop")
+    r_preempted = st.r_preempted.at[vr].set(True, mode="drop")
+    o_preemptions = st.o_preemptions.at[vr].add(1, mode="drop")
+    rid = jnp.where(victim, -1, rid)
+    active = rid >= 0
+    decoding = decoding & active
+    prefill = prefill & active
+
+    # ---- admit into free slots (admitted entries are a prefix of the window)
+    free_idx = jnp.argsort(active)  # free slots first (stable)
+    tgt = jnp.where(admit, free_idx[:A], S)
+    rid = rid.at[tgt].set(w_rid, mode="drop")
+    stage = stage.at[tgt].set(w_stage, mode="drop")
+    prompt = prompt.at[tgt].set(w_prompt, mode="drop")
+    done = done.at[tgt].set(w_done, mode="drop")
+    pf_target = pf_target.at[tgt].set(w_pf_target, mode="drop")
+    prefill = prefill.at[tgt].set(~direct, mode="drop")
+    gen = gen.at[tgt].set(gen0, mode="drop")
+    target = target.at[tgt].set(w_target, mode="drop")
+    order = order.at[tgt].set(st.order + w, mode="drop")
+    last_tok = last_tok.at[tgt].set(jnp.full(A, t, F64), mode="drop")
+    new_slot = jnp.zeros(S, bool).at[tgt].set(True, mode="drop")
+    q_head = st.q_head.at[c].set(new_head + n_admit.astype(I32))
+    ar = jnp.where(admit, w_rid_s, dims.num_requests)
+    o_stage_start = st.o_stage_start.at[ar, w_stage].min(jnp.full(A, t, F64), mode="drop")
+    o_stage_client = st.o_stage_client.at[ar, w_stage].set(c, mode="drop")
+    r_preempted = r_preempted.at[ar].set(False, mode="drop")
+    active = rid >= 0
+
+    # ---- this iteration's work per slot
+    decoding = active & ~prefill & (gen < target)
+    dec_now = decoding & ~prefill_iter
+    rem = jnp.where(prefill & active, pf_target - done, 0)
+    cap_rem = jnp.where(exclusive, rem, jnp.minimum(rem, cl.chunk_size[c]))
+    pri = jnp.argsort(jnp.where(prefill & active, order, jnp.iinfo(jnp.int32).max))
+    budget_all = cl.max_batched_tokens[c] - jnp.where(exclusive, 0, dec_now.sum())
+    cap_sorted = cap_rem[pri]
+    alloc_sorted = jnp.where(exclusive, cap_sorted, jnp.clip(budget_all - _excl_cumsum(cap_sorted), 0, cap_sorted))
+    chunk = jnp.zeros(S, I32).at[pri].set(alloc_sorted.astype(I32))
+    # exclusive policies prefill only what they just admitted (whole prompts); others keep going
+    chunk = jnp.where(exclusive & ~new_slot, 0, chunk)
+    chunk = jnp.where(is_llm, chunk, jnp.where(active, prompt, 0))
+    decode_only = (chunk.sum() == 0) & is_llm & (n_admit == 0) & ~preempting
+
+    # ---- iteration times for up to W consecutive decode iterations
+    replica = _gather_client(cl.replica, c)
+    params = _gather_client(cl.params, c)
+    ctx0 = (prompt + gen - 1).astype(F64)
+    js = jnp.arange(W, dtype=I32)
+
+    def llm_time(j):
+        b = MixedBatch(prefill_tokens=chunk.astype(jnp.float32), prefill_context=done.astype(jnp.float32),
+                       prefill_last=(done + chunk >= pf_target), prefill_mask=chunk > 0,
+                       decode_context=(ctx0 + j).astype(jnp.float32), decode_mask=dec_now)
+        return iteration_time(params, replica, b)
+
+    dts_llm = jax.vmap(llm_time)(js)
+    n_items = jnp.where(active & new_slot, 1, 0).sum()
+    dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * chunk.sum()
+    dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64)
+    sigma = params.step_noise_sigma
+    z = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(jax.random.fold_in(st.key, c), st.iters[c] + j)))(js)
+    dts = dts * jnp.where(sigma > 0, jnp.exp(sigma * z - 0.5 * sigma * sigma), 1.0)
+    dts = _quantise_ns(dts)
+    starts = t + jnp.concatenate([jnp.zeros(1, F64), jnp.cumsum(dts)[:-1]])
+
+    # ---- how many iterations to advance
+    rem_dec = jnp.where(dec_now, target - gen, jnp.iinfo(jnp.int32).max)
+    min_rem = rem_dec.min()
+    others = jnp.where(active & ~dec_now, blocks_held, 0).sum()
+    blocks_j = jax.vmap(lambda j: jnp.where(dec_now, _cdiv(prompt + gen + 1 + j, bs), 0).sum())(js) + others
+    pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
+    ok = (js < min_rem) & ((blocks_j <= cap) | ~is_llm) & (starts < t_before) & (starts <= t_after) & (starts < pending)
+    ok = ok & (decode_only | (js == 0))
+    ok = ok.at[0].set(True)
+    k = jnp.cumprod(ok).sum().astype(I32)
+    t_end = t + jnp.where(js < k, dts, 0.0).sum()
+
+    # ---- inter-token latencies
+    edges = jnp.asarray(itl_bin_edges(dims.itl_bins)[1:-1])
+    first_gap = jnp.where(dec_now, starts[0] + dts[0] - last_tok, 0.0)
+    hist = st.itl_hist.at[jnp.searchsorted(edges, first_gap)].add(dec_now.astype(F64))
+    n_dec_now = dec_now.sum().astype(F64)
+    later = (js >= 1) & (js < k)
+    hist = hist.at[jnp.searchsorted(edges, dts)].add(jnp.where(later, n_dec_now, 0.0))
+    itl_sum = st.itl_sum + first_gap.sum() + jnp.where(later, dts * n_dec_now, 0.0).sum()
+
+    # ---- apply
+    gen = gen + jnp.where(dec_now, k, 0)
+    done = done + chunk
+    pf_done = prefill & active & (chunk > 0) & (done >= pf_target)
+    makes_token = pf_done & (target > 0)
+    gen = gen + makes_token.astype(I32)
+    prefill = prefill & ~pf_done
+    last_tok = jnp.where(dec_now | makes_token, t_end, last_tok)
+    pipe = wl.pipeline[jnp.clip(rid, 0, dims.num_requests - 1)]
+    emits = topo.stage_emits[pipe, stage]
+    ft_idx = jnp.where(makes_token & emits, rid, dims.num_requests)
+    o_first_token = st.o_first_token.at[ft_idx].min(jnp.full(S, t_end, F64), mode="drop")
+    finished = active & ~prefill & (gen >= target)
+    fr = jnp.where(finished, rid, dims.num_requests)
+    o_stage_end = st.o_stage_end.at[fr, stage].set(t_end, mode="drop")
+
+    st = eqx_replace(
+        st,
+        t_free=st.t_free.at[c].set(t_end), iters=st.iters.at[c].add(k), busy=st.busy.at[c].add(t_end - t),
+        outstanding=st.outstanding.at[c].add(-jnp.where(finished, prompt + target, 0).sum().astype(F64)),
+        s_rid=st.s_rid.at[c].set(jnp.where(finished, -1, rid)), s_stage=st.s_stage.at[c].set(stage),
+        s_prompt=st.s_prompt.at[c].set(prompt), s_done=st.s_done.at[c].set(done),
+        s_pf_target=st.s_pf_target.at[c].set(pf_target), s_prefill=st.s_prefill.at[c].set(prefill),
+        s_gen=st.s_gen.at[c].set(gen), s_target=st.s_target.at[c].set(target), s_order=st.s_order.at[c].set(order),
+        s_last_tok=st.s_last_tok.at[c].set(last_tok),
+        q_rid=q_rid, q_stage=q_stage, q_ready=q_ready, q_head=q_head,
+        order=st.order + n_admit.astype(I32),
+        r_gen=r_gen, r_preempted=r_preempted,
+        o_first_token=o_first_token, o_preemptions=o_preemptions, o_stage_start=o_stage_start,
+        o_stage_end=o_stage_end, o_stage_client=o_stage_client,
+        itl_hist=hist, itl_sum=itl_sum,
+    )
+
+    # ---- hand finished stages on, or complete the request
+    nxt = stage + 1
+    nxt_c = jnp.clip(nxt, 0, K - 1)
+    has_next = finished & (nxt < K) & (topo.pipeline_pools[pipe, nxt_c] >= 0)
+    complete = finished & ~has_next
+    xfer = topo.stage_kv_transfer[pipe, nxt_c]
+    kv_bytes = jnp.where(xfer, (prompt + gen).astype(F64) * cl.kv_bytes_per_token[c], 0.0)
+    hr = jnp.where(has_next, rid, dims.num_requests)
+    st = eqx_replace(st, r_gen=st.r_gen.at[hr].set(jnp.where(xfer, gen, 0), mode="drop"),
+                     r_preempted=st.r_preempted.at[hr].set(False, mode="drop"))
+    st = route_and_push(dims, cl, topo, wl, st, rid, nxt, jnp.full(S, t_end, F64), kv_bytes,
+                        jnp.full(S, c, I32), has_next)
+    cr = jnp.where(complete, rid, dims.num_requests)
+    return eqx_replace(st, o_finish=st.o_finish.at[cr].set(t_end, mode="drop"),
+                       completed=st.completed + complete.sum().astype(I32))
+
+
+# ------------------------------------------------------------------------------------------- step
+def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_valid, st: EngineState) -> EngineState:
+    """Advance the simulation by one event (no-op once every request has completed)."""
+    all_arrived = st.cursor >= n_valid
+    t_cli = client_event_times(dims, cl, st, all_arrived)
+    t_arr = jnp.where(all_arrived, INF, wl.arrival[jnp.clip(st.cursor, 0, dims.num_requests - 1)])
+    c = jnp.argmin(t_cli).astype(I32)
+    t_c = t_cli[c]
+    idx = jnp.arange(dims.num_clients)
+    t_before = jnp.minimum(t_arr, jnp.where(idx < c, t_cli, INF).min())
+    t_after = jnp.where(idx > c, t_cli, INF).min()
+    finished = st.completed >= n_valid
+    take_arrival = (t_arr <= t_c) & ~all_arrived
+
+    def do_arrival(s):
+        return arrival_step(dims, cl, topo, wl, n_valid, s, t_c)
+
+    def do_client(s):
+        return client_step(dims, cl, topo, wl, s, c, t_c, t_before, t_after)
+
+    def do_event(s):
+        return jax.lax.cond(take_arrival, do_arrival, do_client, s)
+
+    stuck = ~take_arrival & ~jnp.isfinite(t_c)
+    new = jax.lax.cond(finished | stuck, lambda s: s, do_event, st)
+    return eqx_replace(new, steps=new.steps + jnp.where(finished | stuck, 0, 1).astype(I32))

@@ -1,0 +1,132 @@
+"""The engine's inputs: static sizes, per-client tables and the topology, as array PyTrees.
+
+Three kinds of input (see STYLE.md): static sizes (`EngineDims`, Python ints that are part of
+the compiled program's identity), dynamic parameters (`ClientTable`, `Topology`: arrays that can
+be stacked and vmapped, fitted or swept without recompiling), and the evolving `EngineState`.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import NamedTuple
+
+import equinox as eqx
+from jaxtyping import Array, Bool, Float, Int
+
+from ..cost.params import CostParams
+from ..cost.replica import Replica
+
+
+class Policy(IntEnum):
+    """Batching policies (integer codes, so they can differ across a vmapped batch)."""
+
+    STATIC = 0  # wait for a full batch (or the last arrivals), run it to completion
+    CONTINUOUS = 1  # vLLM v0: admit new prompts whenever possible; prefill iterations pause decodes
+    CHUNKED = 2  # Sarathi / vLLM v1: decodes first, then prefill chunks under a token budget
+    DECODE_PRIORITY = 3  # request-level batching: admit only when the running batch has drained
+
+
+class Role(IntEnum):
+    """What an LLM client does with a request."""
+
+    PREFILL_DECODE = 0  # colocated prefill and decode
+    PREFILL_ONLY = 1  # disaggregated prefill: hand off after the first token
+    DECODE_ONLY = 2  # disaggregated decode: KV arrives over a link
+
+
+class Kind(IntEnum):
+    LLM = 0  # iteration-level batching over a model replica
+    SERVER = 1  # fixed-cost batches (CPU pre/post-processing, vector search, KV-tier reads)
+
+
+class Router(IntEnum):
+    ROUND_ROBIN = 0
+    LEAST_OUTSTANDING = 1  # fewest outstanding tokens (queued + running)
+    PREFIX_AFFINITY = 2  # the same first prefix block goes to the same client
+
+
+class Reject(IntEnum):
+    """Why a request was rejected (0 = not rejected); messages name the knob to change."""
+
+    NONE = 0
+    KV_CAPACITY = 1
+    BATCH_TOKENS = 2
+    CONTEXT_LENGTH = 3
+    QUEUE_FULL = 4
+    NO_CLIENT = 5
+
+
+REJECT_MESSAGES = {
+    Reject.KV_CAPACITY: "prompt + output exceed the client's KV-cache capacity (raise tp, use --kv-cache-dtype fp8, "
+                        "or a device with more memory)",
+    Reject.BATCH_TOKENS: "prompt longer than --max-num-batched-tokens without chunked prefill (enable "
+                         "--enable-chunked-prefill or raise --max-num-batched-tokens)",
+    Reject.CONTEXT_LENGTH: "prompt + output exceed the model's maximum context (--max-model-len)",
+    Reject.QUEUE_FULL: "the client's queue was full (raise the queue capacity or add replicas)",
+    Reject.NO_CLIENT: "no client serves this request's stage (check the deployment's pools)",
+}
+
+
+class EngineDims(NamedTuple):
+    """Static sizes: part of the compiled program's identity."""
+
+    num_requests: int  # N, request capacity (padded)
+    num_clients: int  # C
+    slots: int  # S, batch slots per client (>= every client's max_num_seqs)
+    window: int  # A, queue entries considered per admission
+    queue: int  # Q, queue capacity per client
+    stages: int  # K, max stages per pipeline
+    stretch: int  # W, max decode iterations advanced per scan step (1 = per-iteration mode)
+    pools: int  # number of client pools
+    pipelines: int  # number of pipelines
+    itl_bins: int = 160  # bins of the inter-token-latency histogram (log-spaced)
+
+
+class ClientTable(eqx.Module):
+    """Per-client parameters, leading axis C."""
+
+    kind: Int[Array, "c"]
+    role: Int[Array, "c"]
+    policy: Int[Array, "c"]
+    max_num_seqs: Int[Array, "c"]
+    max_batched_tokens: Int[Array, "c"]
+    chunk_size: Int[Array, "c"]  # longest prefill chunk of one request per iteration (chunked)
+    block_size: Int[Array, "c"]  # KV block (page) size, tokens
+    kv_blocks: Int[Array, "c"]  # KV-cache capacity, blocks
+    max_model_len: Int[Array, "c"]  # tokens
+    replica: Replica  # leaves [c]
+    params: CostParams  # leaves [c]
+    serve_base: Float[Array, "c"]  # SERVER clients: seconds per batch
+    serve_per_item: Float[Array, "c"]  # seconds per request in the batch
+    serve_per_token: Float[Array, "c"]  # seconds per prompt token in the batch
+    kv_bytes_per_token: Float[Array, "c"]  # KV bytes per token of the whole replica (transfers)
+    devices: Float[Array, "c"]  # devices in the replica
+    power_busy: Float[Array, "c"]  # watts per device while busy
+    power_idle: Float[Array, "c"]
+    price_per_hour: Float[Array, "c"]  # USD per device-hour
+    enabled: Bool[Array, "c"]  # padding clients are disabled
+
+
+class Topology(eqx.Module):
+    """Links between clients, pools of clients, and pipelines of stages."""
+
+    link_latency: Float[Array, "c c"]  # seconds, from client i to client j
+    link_bandwidth: Float[Array, "c c"]  # bytes/s
+    pool_members: Bool[Array, "p c"]
+    router: Int[Array, "p"]
+    pipeline_pools: Int[Array, "np k"]  # pool serving stage k of pipeline np (-1: no stage)
+    stage_extra_prompt: Int[Array, "np k"]  # tokens added to the prompt from stage k on (RAG documents)
+    stage_emits: Bool[Array, "np k"]  # the stage's first token is the user's first token
+    stage_kv_transfer: Bool[Array, "np k"]  # entering stage k moves the previous stage's KV over the link
+
+
+class Workload(eqx.Module):
+    """Requests as the engine reads them (valid rows first, sorted by arrival)."""
+
+    arrival: Float[Array, "n"]  # seconds
+    input_tokens: Int[Array, "n"]
+    output_tokens: Int[Array, "n"]
+    cached_tokens: Int[Array, "n"]  # prompt tokens whose KV is already cached (prefix hit)
+    prefix_key: Int[Array, "n"]  # first prefix-block hash (-1 none), for prefix-affinity routing
+    pipeline: Int[Array, "n"]
+    valid: Bool[Array, "n"]

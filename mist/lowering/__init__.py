@@ -1,0 +1,1 @@
+from .deployment import *  # noqa: F401,F403
