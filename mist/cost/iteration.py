@@ -70,6 +70,22 @@ def _windowed_pairs(q, c, causal, window):
     return pairs, jnp.where(window > 0, jnp.minimum(win, pairs), pairs)
 
 
+def prefill_tile_pairs(params: CostParams, q, pairs):
+    """Query-key pairs a prefill attention kernel effectively computes: queries are processed in
+    tiles and each query tile visits at least one key tile, so short chunks and short contexts cost
+    more than their exact pairs. m_half[ATTN_PREFILL] is that tile (tokens):
+    (q + tile) * max(mean keys per query, tile)."""
+    tile = params.m_half[Op.ATTN_PREFILL]
+    qs = jnp.maximum(q, 1.0)
+    return jnp.where(q > 0, (q + tile) * jnp.maximum(pairs / qs, tile), 0.0)
+
+
+def decode_tile_keys(params: CostParams, keys):
+    """Keys a paged decode-attention kernel effectively reads per sequence: at least one KV tile
+    (m_half[ATTN_DECODE] tokens), so that very short contexts still cost a tile per sequence."""
+    return jnp.maximum(keys, params.m_half[Op.ATTN_DECODE])
+
+
 def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> dict[str, Float[Array, ""]]:
     """Seconds spent per operator class in one iteration (keys: gemm, attn_prefill, attn_decode,
     moe, elementwise, lm_head, comm, cpu)."""
@@ -105,9 +121,10 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     full_layers = L - rep.sliding_layers
     pairs = full_layers * full_pairs + rep.sliding_layers * win_pairs
     width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
-    pf_flops_i = 2.0 * width * pairs
-    mh = params.m_half[Op.ATTN_PREFILL]
-    pf_flops_eff = jnp.sum(jnp.where(q > 0, pf_flops_i * (q + mh) / jnp.maximum(q, 1.0), 0.0))
+    # per sequence and layer kind: tile-padded pairs (see prefill_tile_pairs)
+    pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs)
+                    + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs))
+    pf_flops_eff = jnp.sum(2.0 * width * pf_pairs_eff)
     kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
     pf_bytes = jnp.sum(kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer))
     any_pf = n_pre_tok > 0
@@ -117,11 +134,12 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     # ---- decode attention (paged, memory bound)
     att = batch.decode_context + 1.0
     att_win = jnp.where(rep.window > 0, jnp.minimum(att, rep.window), att)
-    keys = (full_layers * att + rep.sliding_layers * att_win) * dm
+    # keys read per sequence, each layer reading at least one KV tile (see decode_tile_keys)
+    keys = (full_layers * decode_tile_keys(params, att) + rep.sliding_layers * decode_tile_keys(params, att_win)) * dm
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
     dc_flops = jnp.sum(2.0 * width_d * keys)
     dc_bytes = jnp.sum(keys * rep.kv_bytes_token_layer + L * dm * width_d * ab)
-    t_attn_d = kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, n_dec, L)
+    t_attn_d = kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L)
 
     # ---- mixture of experts (grouped GEMMs over the experts that received tokens)
     assign = T * rep.top_k
@@ -147,7 +165,8 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     tp_lat = jnp.where(rep.tp <= rep.up_domain, rep.up_lat, rep.out_lat)
     ar = collective_time(params, Comm.ALLREDUCE, T * h * ab, rep.tp, tp_bw, tp_lat)
     t_comm = 2.0 * L * ar
-    t_comm += collective_time(params, Comm.ALLGATHER, n_sample * rep.vocab_local * 4.0 * rep.has_lm_head,
+    # logits gathered from the vocabulary shards: S is the whole gathered buffer (full vocabulary)
+    t_comm += collective_time(params, Comm.ALLGATHER, n_sample * rep.vocab_local * rep.tp * 4.0 * rep.has_lm_head,
                               rep.tp, tp_bw, tp_lat)
     a2a = collective_time(params, Comm.ALLTOALL, (T * rep.top_k / rep.ep) * h * ab, rep.ep, tp_bw, tp_lat)
     t_comm += 2.0 * rep.moe_layers * a2a

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .iteration import _windowed_pairs
+from .iteration import _windowed_pairs, decode_tile_keys, prefill_tile_pairs
 from .params import Comm, CostParams, Op
 from .roofline import collective_time, kernel_time
 
@@ -27,8 +27,7 @@ def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads,
     c = jnp.maximum(kv_len - q_len, 0.0)
     _, pairs = _windowed_pairs(q_len, c, causal, window)
     flops = batch * 4.0 * heads * head_dim * pairs
-    mh = params.m_half[Op.ATTN_PREFILL]
-    flops_eff = flops * (q_len + mh) / jnp.maximum(q_len, 1.0)
+    flops_eff = batch * 4.0 * heads * head_dim * prefill_tile_pairs(params, q_len, pairs)
     kv_tok = 2.0 * kv_heads * head_dim * kv_bytes
     bytes_ = batch * (kv_len * kv_tok + q_len * (2.0 * heads * head_dim * a_bytes + kv_tok))
     return kernel_time(params, Op.ATTN_PREFILL, flops_eff, bytes_, peak_flops, mem_bw, _BIG, 1.0)
@@ -40,9 +39,10 @@ def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_di
     MLA: pass head_dim = latent+rope width, d_v = latent width and kv_tok_bytes explicitly."""
     d_v = head_dim if d_v is None else d_v
     kv_tok = 2.0 * kv_heads * head_dim * kv_bytes if kv_tok_bytes is None else kv_tok_bytes
-    flops = batch * 2.0 * heads * (head_dim + d_v) * kv_len
-    bytes_ = batch * (kv_len * kv_tok + heads * (head_dim + d_v) * a_bytes)
-    return kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, batch, 1.0)
+    keys = decode_tile_keys(params, kv_len)
+    flops = batch * 2.0 * heads * (head_dim + d_v) * keys
+    bytes_ = batch * (keys * kv_tok + heads * (head_dim + d_v) * a_bytes)
+    return kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, _BIG, 1.0)
 
 
 def moe_time(params: CostParams, num_tokens, hidden, inter, num_experts, top_k, peak_flops, mem_bw,

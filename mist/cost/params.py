@@ -52,7 +52,9 @@ class CostParams(eqx.Module):
     Per operator class (index `Op`):
       compute_logit: peak compute efficiency, sigmoid(.) in (0, 1)
       memory_logit: memory-bandwidth efficiency, sigmoid(.) in (0, 1)
-      log_m_half: log of the rows (tokens) at which a kernel reaches half its peak compute efficiency
+      log_m_half: log of the rows (tokens) at which a kernel reaches half its peak compute efficiency;
+        for attention it is the kernel's tile instead: prefill pads each sequence's queries and
+        keys per query to it, decode reads at least that many keys per sequence
       log_overhead: log seconds of fixed per-kernel time (launch, tail, synchronisation)
       log_sharpness: log of the exponent p of the smooth max of compute and memory time
     Per collective class (index `Comm`):
@@ -204,7 +206,7 @@ def default_params(kind: str = "gpu") -> CostParams:
         return make_params(
             compute_eff=[0.45, 0.30, 0.30, 0.35, 0.30],
             memory_eff=[0.60, 0.55, 0.60, 0.55, 0.50],
-            m_half=[16.0, 64.0, 1.0, 8.0, 1.0],
+            m_half=[16.0, 64.0, 16.0, 8.0, 1.0],
             overhead_s=[2e-5, 3e-5, 2e-5, 3e-5, 1e-5],
             sharpness=[3.0] * NUM_OPS,
             comm_bw_eff=[0.6] * NUM_COMMS,
@@ -214,7 +216,7 @@ def default_params(kind: str = "gpu") -> CostParams:
     return make_params(
         compute_eff=[0.75, 0.55, 0.40, 0.60, 0.50],
         memory_eff=[0.80, 0.70, 0.70, 0.75, 0.70],
-        m_half=[24.0, 64.0, 1.0, 8.0, 1.0],
+        m_half=[24.0, 64.0, 64.0, 8.0, 1.0],
         overhead_s=[2e-6, 3e-6, 3e-6, 4e-6, 1.5e-6],
         sharpness=[3.0] * NUM_OPS,
         comm_bw_eff=[0.75, 0.75, 0.6, 0.8],

@@ -1,0 +1,459 @@
+"""Fit a device's cost parameters to measured operator timings with optax.
+
+Loss: mean over rows of (log predicted - log measured)^2, minimised with Adam on the
+unconstrained leaves of :class:`~mist.cost.params.CostParams`. Parameters of operator or
+collective classes that have no rows keep their defaults (their gradients are masked), as do the
+CPU-side and noise terms, which operator timings cannot inform.
+
+The train/test split is by shape: a stable hash of a row's shape fields decides its side, so the
+same shape (on any device, from any source) is never on both sides.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+
+from ..cost.params import NUM_COMMS, NUM_OPS, CostParams, default_params, save_params
+from ..specs.catalog import get_hardware
+from ..specs.hardware import Device
+from .predict import Prepared, op_classes_present, predict, predict_prepared, prepare
+
+#: Columns that define a row's shape (everything a kernel's time depends on except the device).
+SHAPE_COLUMNS: tuple[str, ...] = (
+    "op", "m", "n", "k", "batch", "q_len", "kv_len", "num_heads", "num_kv_heads", "head_dim", "window",
+    "num_tokens", "hidden", "inter", "num_experts", "top_k", "ep", "message_bytes", "num_devices",
+    "num_nodes", "dtype", "w_dtype", "kv_dtype", "tp",
+)
+TEST_PERCENT = 20
+
+
+#: ops whose rows are scored but never fitted: their form shares a parameter class with a
+#: better-measured op (MLA with standard attention) and would drag it away
+EVAL_ONLY_OPS: tuple[str, ...] = ("mla_prefill", "mla_decode")
+#: the formats the simulator's defaults run in; fitted first when an op has rows in them
+PRIMARY_DTYPES: tuple[str, ...] = ("bf16", "fp16")
+
+
+def fit_rows_mask(table: pd.DataFrame) -> np.ndarray:
+    """Rows that the fit uses (the rest are scored only).
+
+    One parameter set per operator class cannot describe every kernel family at once, so per op
+    the fit uses the rows in the primary formats (bf16/fp16 activations, weights and KV cache),
+    falling back to plain fp8 (not block-scaled) and then to all rows when an op has none; MLA
+    rows are never fitted (see EVAL_ONLY_OPS)."""
+    n = len(table)
+    op = table["op"].astype(object).to_numpy()
+    def col(c):
+        return table[c].astype(object).to_numpy() if c in table.columns else np.full(n, None, object)
+    dt, wdt, kvdt, var = col("dtype"), col("w_dtype"), col("kv_dtype"), col("variant")
+    def isin(a, vals):
+        return np.array([(x is None or (isinstance(x, float) and np.isnan(x)) or x in vals) for x in a])
+    prim = isin(dt, PRIMARY_DTYPES) & isin(wdt, PRIMARY_DTYPES) & isin(kvdt, PRIMARY_DTYPES)
+    blk = np.array(["block" in str(v).lower() for v in var])
+    fp8 = isin(dt, ("fp8",)) & isin(wdt, ("fp8",)) & ~blk
+    out = np.zeros(n, bool)
+    for o in pd.unique(op):
+        m = op == o
+        if o in EVAL_ONLY_OPS:
+            continue
+        for cand in (prim, fp8, np.ones(n, bool)):
+            if (m & cand).any():
+                out |= m & cand
+                break
+    return out
+
+
+def shape_hash(table: pd.DataFrame) -> np.ndarray:
+    """A stable 64-bit hash of each row's shape fields (independent of row order, device, source)."""
+    cols = [c for c in SHAPE_COLUMNS if c in table.columns]
+    norm = pd.DataFrame(index=pd.RangeIndex(len(table)))
+    for c in cols:
+        v = table[c].reset_index(drop=True)
+        if pd.api.types.is_numeric_dtype(v.dtype):
+            norm[c] = v.astype("float64").round(6).fillna(-1.0)
+        else:
+            norm[c] = v.astype(object).where(v.notna(), "").astype(str)
+    return pd.util.hash_pandas_object(norm, index=False).to_numpy(np.uint64)
+
+
+def split_mask(table: pd.DataFrame, test_percent: int = TEST_PERCENT) -> np.ndarray:
+    """True for test rows (about `test_percent`% of distinct shapes), deterministic."""
+    h = shape_hash(table)
+    # mix the bits once more so that the bucket does not depend on the low bits alone
+    return ((h * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) % np.uint64(100) < np.uint64(test_percent)
+
+
+def split(table: pd.DataFrame, test_percent: int = TEST_PERCENT) -> tuple[pd.DataFrame, pd.DataFrame]:
+    m = split_mask(table, test_percent)
+    return table[~m].reset_index(drop=True), table[m].reset_index(drop=True)
+
+
+# ---- metrics
+
+def metrics(pred: np.ndarray, table: pd.DataFrame) -> pd.DataFrame:
+    """Per op: count, MAPE and p90 absolute percentage error (in %), over rows with a prediction."""
+    t = table["time_s"].to_numpy(np.float64)
+    ok = np.isfinite(pred) & np.isfinite(t) & (t > 0)
+    ape = np.abs(pred[ok] / t[ok] - 1.0) * 100.0
+    d = pd.DataFrame({"op": table["op"].astype(object).to_numpy()[ok], "ape": ape})
+    if not len(d):
+        return pd.DataFrame(columns=["count", "mape", "p90_ape"]).rename_axis("op")
+    g = d.groupby("op")["ape"]
+    return pd.DataFrame({"count": g.size(), "mape": g.mean(), "p90_ape": g.quantile(0.9)})
+
+
+def _metrics_dict(m: pd.DataFrame) -> dict:
+    return {op: {"count": int(r["count"]), "mape": round(float(r["mape"]), 3), "p90_ape": round(float(r["p90_ape"]), 3)}
+            for op, r in m.iterrows()}
+
+
+# ---- loss and optimisation
+
+def _loss_fn(params: CostParams, groups: dict, logt: dict, weights: dict):
+    preds = predict_prepared(params, groups)
+    tot, n = 0.0, 0.0
+    for op, y in preds.items():
+        r = jnp.log(jnp.maximum(y, 1e-30)) - logt[op]
+        tot = tot + jnp.sum(weights[op] * r * r)
+        n = n + jnp.sum(weights[op])
+    return tot / jnp.maximum(n, 1.0)
+
+
+def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
+    """1.0 on the leaves (and entries) the prepared rows inform, 0.0 elsewhere."""
+    o, c = op_classes_present(prep)
+    om = np.zeros(NUM_OPS, np.float32)
+    om[list(o)] = 1.0
+    cm = np.zeros(NUM_COMMS, np.float32)
+    cm[list(c)] = 1.0
+    z = jnp.zeros((), jnp.float32)
+    mask = eqx.tree_at(
+        lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness,
+                   p.comm_bw_logit, p.log_comm_latency_scale, p.log_cpu_iter, p.log_cpu_per_seq,
+                   p.log_cpu_per_token, p.step_noise_sigma),
+        template,
+        (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
+         jnp.asarray(cm), jnp.asarray(cm), z, z, z, z),
+    )
+    return jax.tree_util.tree_map(lambda m, t: jnp.asarray(m, t.dtype), mask, template)
+
+
+def _as_prep(groups: dict) -> Prepared:
+    return Prepared(groups={op: (None, a) for op, a in groups.items()}, measured=None, n_rows=0)
+
+
+def _loss_on(params, arrays, logt, weights):
+    return _loss_fn(params, _as_prep(arrays), logt, weights)
+
+
+def loss(params: CostParams, prep: Prepared, weights: dict | None = None):
+    """The fitting loss of `params` on prepared rows (a jnp scalar; differentiable)."""
+    arrays = {op: a for op, (_, a) in prep.groups.items()}
+    logt = {op: jnp.asarray(np.log(prep.measured[i]), jnp.float32) for op, (i, _) in prep.groups.items()}
+    w = weights or {op: jnp.ones_like(v) for op, v in logt.items()}
+    return _loss_on(params, arrays, logt, w)
+
+
+def _op_weights(prep: Prepared) -> dict:
+    """Row weights: every op kind present counts equally in the loss (so that a kind with few
+    rows, e.g. reduce-scatter beside thousands of all-gathers sharing its parameters, is not
+    drowned); the mean weight is 1."""
+    n_all = sum(len(i) for i, _ in prep.groups.values())
+    k = len(prep.groups)
+    return {op: jnp.full((len(i),), n_all / (k * len(i)), jnp.float32) for op, (i, _) in prep.groups.items()}
+
+
+def fit_prepared(params0: CostParams, prep: Prepared, *, steps: int = 600, lr: float = 0.05,
+                 balance: bool = True) -> tuple[CostParams, list[float]]:
+    """Adam on the log-space loss from `params0`; returns (fitted params, loss history)."""
+    arrays = {op: a for op, (_, a) in prep.groups.items()}
+    logt = {op: jnp.asarray(np.log(prep.measured[i]), jnp.float32) for op, (i, _) in prep.groups.items()}
+    weights = _op_weights(prep) if balance else {op: jnp.ones_like(v) for op, v in logt.items()}
+    mask = gradient_mask(prep, params0)
+    sched = optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.05)
+    opt = optax.adam(sched)
+    state = opt.init(params0)
+
+    @eqx.filter_jit
+    def run(p, s, n_steps):
+        def body(carry, _):
+            p, s = carry
+            val, g = eqx.filter_value_and_grad(_loss_on)(p, arrays, logt, weights)
+            g = jax.tree_util.tree_map(lambda gi, mi: jnp.where(jnp.isfinite(gi), gi, 0.0) * mi, g, mask)
+            upd, s = opt.update(g, s, p)
+            p = eqx.apply_updates(p, upd)
+            return (p, s), val
+        (p, s), vals = jax.lax.scan(body, (p, s), None, length=n_steps)
+        return p, s, vals
+
+    p, state, hist = run(params0, state, steps)
+    return p, [float(v) for v in np.asarray(hist)]
+
+
+@dataclass
+class FitResult:
+    device: str
+    params: CostParams
+    defaults: CostParams
+    train: pd.DataFrame
+    test: pd.DataFrame
+    before: pd.DataFrame  # per-op test metrics with default parameters
+    after: pd.DataFrame  # per-op test metrics with fitted parameters
+    before_train: pd.DataFrame
+    after_train: pd.DataFrame
+    loss_history: list[float]
+    dropped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    # test metrics restricted to the kinds of rows the fit uses (primary formats, see fit_rows_mask)
+    before_fitted: pd.DataFrame | None = None
+    after_fitted: pd.DataFrame | None = None
+
+    def summary(self) -> pd.DataFrame:
+        """Per op: train/test rows, test MAPE and p90 before and after fitting."""
+        ops_ = sorted(set(self.before.index) | set(self.after.index) | set(self.after_train.index))
+        rows = []
+        for op in ops_:
+            g = lambda m, c: float(m.loc[op, c]) if op in m.index else np.nan  # noqa: E731
+            rows.append({"op": op, "train_rows": int(g(self.after_train, "count")) if op in self.after_train.index else 0,
+                         "test_rows": int(g(self.after, "count")) if op in self.after.index else 0,
+                         "mape_before": g(self.before, "mape"), "p90_before": g(self.before, "p90_ape"),
+                         "mape_after": g(self.after, "mape"), "p90_after": g(self.after, "p90_ape"),
+                         "fitted_test_rows": int(g(self.after_fitted, "count")) if self.after_fitted is not None
+                         and op in self.after_fitted.index else 0,
+                         "mape_after_fitted_kind": g(self.after_fitted, "mape") if self.after_fitted is not None
+                         else np.nan})
+        return pd.DataFrame(rows).set_index("op")
+
+    def meta(self, sources: list[str] | None = None) -> dict:
+        return {
+            "origin": f"fitted on {self.device} operator measurements"
+                      + (f" ({', '.join(sources)})" if sources else ""),
+            "sources": sources or sorted(set(self.train["source"].dropna().astype(str))) if "source" in self.train else [],
+            "date": _dt.date.today().isoformat(),
+            "split": {"train_rows": int(len(self.train)), "test_rows": int(len(self.test)),
+                      "rule": f"stable hash of shape fields, {TEST_PERCENT}% of shapes held out"},
+            "metrics_test_before": _metrics_dict(self.before),
+            "metrics_test_after": _metrics_dict(self.after),
+            "metrics_test_after_fitted_kinds": _metrics_dict(self.after_fitted)
+            if self.after_fitted is not None else {},
+            "fitted_rows_rule": "per op: bf16/fp16 rows, else plain fp8, else all; MLA scored only",
+            "dropped_rows": self.dropped,
+        }
+
+    def save(self, directory=None, sources: list[str] | None = None):
+        return save_params(self.params, self.device, self.meta(sources), directory)
+
+
+def rows_of(table: pd.DataFrame, device_name: str) -> pd.DataFrame:
+    """The rows of `table` measured on `device_name` (device spellings resolved through the
+    catalog, so "B60" matches "Arc-Pro-B60"); all rows when the table has no device column."""
+    if "device" not in table.columns:
+        return table.reset_index(drop=True)
+    target = get_hardware(device_name).name
+    col = table["device"].astype(object)
+    names = {}
+    for d in pd.unique(col.dropna()):
+        try:
+            names[d] = get_hardware(str(d)).name
+        except KeyError:
+            names[d] = None
+    return table[col.map(names) == target].reset_index(drop=True)
+
+
+def fit(device_name: str | Device, table: pd.DataFrame, *, steps: int = 600, lr: float = 0.05, seed: int = 0,
+        init: CostParams | None = None, test_percent: int = TEST_PERCENT, balance: bool = True) -> FitResult:
+    """Fit `device_name`'s cost parameters to the rows of `table` for that device.
+
+    `seed` is accepted for reproducibility of any future stochastic variant; the fit is
+    deterministic (full-batch Adam from the defaults, or `init`)."""
+    import time
+
+    t0 = time.time()
+    dev = get_hardware(device_name)
+    tab = rows_of(table, dev.name)
+    train, test = split(tab, test_percent)
+    p0 = init if init is not None else default_params("cpu" if dev.kind == "cpu" else "gpu")
+    defaults = default_params("cpu" if dev.kind == "cpu" else "gpu")
+    prep_tr = prepare(dev, train[fit_rows_mask(train)].reset_index(drop=True))
+    if not prep_tr.groups:
+        raise ValueError(f"fit: no rows of {dev.name} that the cost model can predict "
+                         f"(dropped: {prep_tr.dropped or 'none'})")
+    params, hist = fit_prepared(p0, prep_tr, steps=steps, lr=lr, balance=balance)
+    pr_te_0 = predict(defaults, dev, test, report=False)
+    pr_te_1 = predict(params, dev, test, report=False)
+    pr_tr_0 = predict(defaults, dev, train, report=False)
+    pr_tr_1 = predict(params, dev, train, report=False)
+    fm = fit_rows_mask(test)
+    after_fitted = metrics(pr_te_1[fm], test[fm].reset_index(drop=True))
+    before_fitted = metrics(pr_te_0[fm], test[fm].reset_index(drop=True))
+    dropped = dict(prep_tr.dropped)
+    for k, v in prepare(dev, test).dropped.items():
+        dropped[k] = dropped.get(k, 0) + v
+    return FitResult(device=dev.name, params=params, defaults=defaults, train=train, test=test,
+                     before=metrics(pr_te_0, test), after=metrics(pr_te_1, test),
+                     before_train=metrics(pr_tr_0, train), after_train=metrics(pr_tr_1, train),
+                     loss_history=hist, dropped=dropped, seconds=time.time() - t0,
+                     before_fitted=before_fitted, after_fitted=after_fitted)
+
+
+# ---- data for a device, whole-device calibration, transfer to unmeasured devices
+
+def load_measurements(device_name: str | None = None, sources: list[str] | None = None) -> pd.DataFrame:
+    """Measured rows for a device (all devices when None): the curated subset in traces/ops by
+    default, or the named sources read from the shared measured-data folder."""
+    from . import schema
+    from .sources import load_curated, load_source
+
+    if not sources:
+        return load_curated(device_name)
+    frames = [load_source(s) for s in sources]
+    tab = schema.concat(frames)
+    if device_name is not None:
+        tab = rows_of(tab, device_name)
+    return tab
+
+
+def calibrate(device_name: str, table: pd.DataFrame | None = None, *, sources: list[str] | None = None,
+              steps: int = 600, lr: float = 0.05, save: bool = True, directory=None) -> FitResult:
+    """Fit one device from its measurements and (by default) write calibration/params/<device>.json."""
+    dev = get_hardware(device_name)
+    tab = load_measurements(dev.name, sources) if table is None else table
+    res = fit(dev, tab, steps=steps, lr=lr)
+    if save:
+        srcs = sorted(set(res.train["source"].dropna().astype(str)) | set(res.test["source"].dropna().astype(str)))
+        fws = sorted(set(tab["framework"].dropna().astype(str))) if "framework" in tab.columns else []
+        meta_sources = [f"{s}" for s in srcs] + ([f"frameworks: {', '.join(fws)}"] if fws else [])
+        res.save(directory, meta_sources)
+    return res
+
+
+def _origin(d: dict) -> str:
+    return str(d.get("origin", ""))
+
+
+def measured_devices(directory=None) -> list[str]:
+    """Devices whose parameter file was fitted on measurements (not transferred)."""
+    import json
+
+    from ..cost.params import params_dirs
+
+    d = directory or params_dirs()[0]
+    out = []
+    for p in sorted(d.glob("*.json")) if d.exists() else []:
+        try:
+            if _origin(json.loads(p.read_text())).startswith("fitted"):
+                out.append(p.stem)
+        except ValueError:
+            continue
+    return out
+
+
+def closest_measured(device_name: str, candidates: list[str]) -> tuple[str, str]:
+    """The measured device a device without measurements borrows its efficiencies from, and why.
+
+    Preference: same vendor and kind, then any GPU; among those the one closest in the
+    ratio of peak bf16 FLOP/s to memory bandwidth (which decides where kernels sit on the
+    roofline) and in scale (log peak FLOP/s)."""
+    dev = get_hardware(device_name)
+    cands = [get_hardware(c) for c in candidates if c != dev.name]
+    if not cands:
+        raise ValueError("no measured devices to transfer from (fit some first: `mist calibrate --hardware ...`)")
+    same = [c for c in cands if c.vendor == dev.vendor and c.kind == dev.kind]
+    gpus = [c for c in cands if c.kind == "gpu"]
+    pool, why = (same, f"same vendor ({dev.vendor}) and kind ({dev.kind})") if same else \
+        (gpus or cands, "no measured device of the same vendor and kind; nearest GPU")
+
+    def feat(d):
+        return np.array([np.log(d.flops("bf16") / d.mem_bandwidth), 0.5 * np.log(d.flops("bf16"))])
+
+    f0 = feat(dev)
+    best = min(pool, key=lambda c: (float(np.sum((feat(c) - f0) ** 2)), c.name))
+    return best.name, why
+
+
+#: what a transfer to a device kind other than a GPU does not capture
+KIND_CAVEATS: dict[str, str] = {
+    "cpu": "GPU kernel efficiencies applied to a CPU: CPU matmul and attention reach a smaller fraction "
+           "of peak (AMX/AVX-512) and pay more per kernel; treat predictions as optimistic",
+    "tpu": "GPU kernel efficiencies applied to a TPU: XLA fusion, systolic-array tiling (128/256) and "
+           "ICI collectives differ; treat as a rough guide",
+    "asic": "GPU kernel efficiencies applied to an ASIC: dataflow / SRAM-resident designs can behave "
+            "very differently from a GPU roofline; treat as a rough guide",
+    "accelerator": "GPU kernel efficiencies applied to a non-GPU accelerator; treat as a rough guide",
+}
+
+
+def transfer_params(device_name: str, source: str | None = None, *, directory=None, save: bool = True):
+    """Parameters for a device without measurements: copy the efficiencies of the closest
+    measured device class and write calibration/params/<device>.json marked as uncalibrated.
+    Returns (params, meta)."""
+    from ..cost.params import load_params, params_dirs
+
+    dev = get_hardware(device_name)
+    directory = directory or params_dirs()[0]
+    if source is None:
+        source, why = closest_measured(dev.name, measured_devices(directory))
+    else:
+        why = "chosen by the caller"
+    p = directory / f"{source}.json"
+    if p.exists():
+        import json
+
+        params = CostParams.from_dict(json.loads(p.read_text())["params"], str(p))
+    else:
+        params, _ = load_params(source)
+    if dev.kind != "gpu":
+        # operator timings never inform the CPU-side engine terms: keep this kind's defaults there
+        d = default_params("cpu" if dev.kind == "cpu" else "gpu")
+        params = eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token),
+                             params, (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token))
+    meta = {
+        "origin": f"transferred from {source} (uncalibrated)",
+        "transferred_from": source,
+        "reason": why,
+        "caveat": KIND_CAVEATS.get(dev.kind, "kernel efficiencies of a different GPU; peak rates, "
+                                              "bandwidths and links are this device's own"),
+        "date": _dt.date.today().isoformat(),
+    }
+    if save:
+        save_params(params, dev.name, meta, directory)
+    return params, meta
+
+
+def transfer_validation(source: str, target: str, table: pd.DataFrame | None = None, *, directory=None,
+                        params: CostParams | None = None) -> pd.DataFrame:
+    """How well `source`'s fitted efficiencies predict `target`'s measurements on `target`'s
+    own spec (the situation of every uncalibrated device). Per op: count, MAPE, p90 with
+    the defaults, with the transferred parameters, and (when fitted) with the target's own
+    parameters, all on the target's held-out test shapes."""
+    import json
+
+    from ..cost.params import params_dirs
+
+    directory = directory or params_dirs()[0]
+    tgt = get_hardware(target)
+    tab = load_measurements(tgt.name) if table is None else table
+    tab = rows_of(tab, tgt.name)
+    _, test = split(tab)
+    if params is None:
+        params = CostParams.from_dict(json.loads((directory / f"{source}.json").read_text())["params"])
+    d = default_params("gpu")
+    m0 = metrics(predict(d, tgt, test, report=False), test)
+    m1 = metrics(predict(params, tgt, test, report=False), test)
+    out = pd.DataFrame({"count": m1["count"], "mape_default": m0["mape"], "p90_default": m0["p90_ape"],
+                        "mape_transfer": m1["mape"], "p90_transfer": m1["p90_ape"]})
+    own = directory / f"{tgt.name}.json"
+    if own.exists() and _origin(json.loads(own.read_text())).startswith("fitted"):
+        po = CostParams.from_dict(json.loads(own.read_text())["params"])
+        m2 = metrics(predict(po, tgt, test, report=False), test)
+        out["mape_own_fit"] = m2["mape"]
+        out["p90_own_fit"] = m2["p90_ape"]
+    return out
