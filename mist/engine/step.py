@@ -116,6 +116,8 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
 
     # link crossing (transfer of the KV cache, or just the latency of a message)
     fc = jnp.clip(from_client, 0, C - 1)
+    if topo.stage_kv_layers is not None:  # layer-by-layer transfer: only the last layer's share is exposed
+        kv_bytes = kv_bytes / topo.stage_kv_layers[pipe, jnp.clip(stage, 0, dims.stages - 1)]
     hop = jnp.where(from_client >= 0,
                     topo.link_latency[fc, client] + kv_bytes / topo.link_bandwidth[fc, client], 0.0)
     ready = t_ready + hop
@@ -337,7 +339,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # ---- apply
     gen = gen + jnp.where(dec_now, k, 0)
     done = done + chunk
-    pf_done = prefill & active & (chunk > 0) & (done >= pf_target)
+    pf_done = prefill & active & (chunk > 0) & ((done >= pf_target) | ~is_llm)  # a SERVER batch finishes whole
     makes_token = pf_done & (target > 0)
     gen = gen + makes_token.astype(I32)
     prefill = prefill & ~pf_done

@@ -118,6 +118,9 @@ class Topology(eqx.Module):
     stage_extra_prompt: Int[Array, "np k"]  # tokens added to the prompt from stage k on (RAG documents)
     stage_emits: Bool[Array, "np k"]  # the stage's first token is the user's first token
     stage_kv_transfer: Bool[Array, "np k"]  # entering stage k moves the previous stage's KV over the link
+    # layer-by-layer transfer overlapped with the previous stage: only bytes / stage_kv_layers[np, k]
+    # (the last layer's share) is exposed; 1 = the whole KV after the stage ends; None = all 1
+    stage_kv_layers: Float[Array, "np k"] | None = None
 
 
 class Workload(eqx.Module):

@@ -65,6 +65,10 @@ class ClientSpec:
     devices: int | None = None  # devices a server client occupies (for power and cost)
     params: CostParams | None = None
     step_noise_sigma: float | None = None
+    # encoders: attention sees at most this many tokens at once (blocks of bidirectional attention)
+    attention_block: int | None = None
+    # declarative stage this client was lowered from (mist.lowering.stages), None for plain clients
+    stage: dict | None = None
 
 
 @dataclass
@@ -73,6 +77,7 @@ class StageSpec:
     extra_prompt: int = 0  # tokens this stage adds to the prompt (retrieved documents)
     emits: bool = False  # its first token is what the user sees (TTFT)
     kv_transfer: bool = False  # entering this stage moves the previous stage's KV cache over the link
+    kv_layerwise: bool = False  # that transfer runs layer by layer, overlapped with the previous stage
 
 
 @dataclass
@@ -182,6 +187,10 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
     may be raised above what this deployment needs so that several configs share one program."""
     if not dep.clients:
         raise SpecError(dep.name, "clients", "no clients", "add at least one client")
+    if any(c.stage is not None for c in dep.clients):
+        from .stages import finalize
+
+        dep = finalize(dep)
     pool_names = sorted({c.pool for c in dep.clients})
     for p in dep.pipelines:
         for s in p.stages:
@@ -229,6 +238,9 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
                                                 if m.max_context <= 32768 else 32768)
             mml = cs.max_model_len or m.max_context
             rep = lower_replica(m, dev, prec, tp=cs.tp, pp=cs.pp, ep=cs.ep)
+            if cs.attention_block:  # consecutive blocks of bidirectional attention (see lowering/stages.py)
+                rep = replace(rep, window=jnp.asarray(float(cs.attention_block), jnp.float32),
+                              sliding_layers=rep.num_layers)
             plan = plan_memory(m, dev, prec, tp=cs.tp, pp=cs.pp, ep=cs.ep, max_num_batched_tokens=min(mbt, 16384),
                                max_num_seqs=cs.max_num_seqs, memory_utilization=cs.memory_utilization)
             kv_blocks = plan.kv_capacity_tokens // cs.block_size if m.kind == "decoder" else 1 << 30
@@ -281,6 +293,7 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
     extra = np.zeros((NP, K), np.int32)
     emits = np.zeros((NP, K), bool)
     xfer = np.zeros((NP, K), bool)
+    kv_layers = np.ones((NP, K))
     for pi, p in enumerate(dep.pipelines):
         if not p.stages:
             raise SpecError(dep.name, f"pipelines.{p.name}", "no stages", "add at least one stage")
@@ -290,10 +303,13 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
                 raise SpecError(dep.name, f"pipelines.{p.name}.stages[{k}].extra_prompt", "negative", "use >= 0")
             cum += s.extra_prompt
             pp[pi, k], extra[pi, k], emits[pi, k], xfer[pi, k] = pool_names.index(s.pool), cum, s.emits, s.kv_transfer
+            if s.kv_layerwise and k > 0:  # only the last layer's share of the KV is exposed
+                sender = next((c for c in dep.clients if c.pool == p.stages[k - 1].pool and c.kind == "llm"), None)
+                kv_layers[pi, k] = get_model(sender.model).num_layers if sender is not None else 1.0
         if not any(s.emits for s in p.stages):
             # the first LLM stage's first token is the user's
             for k, s in enumerate(p.stages):
-                if any(c.pool == s.pool and c.kind == "llm" for c in dep.clients):
+                if any(c.pool == s.pool and c.kind == "llm" and c.stage is None for c in dep.clients):
                     emits[pi, k] = True
                     break
     lat = np.zeros((C, C))
@@ -319,7 +335,8 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
                                                     int(rows[j]["devices"]))
     topo = Topology(link_latency=jnp.asarray(lat), link_bandwidth=jnp.asarray(bw), pool_members=jnp.asarray(members),
                     router=jnp.asarray(router), pipeline_pools=jnp.asarray(pp), stage_extra_prompt=jnp.asarray(extra),
-                    stage_emits=jnp.asarray(emits), stage_kv_transfer=jnp.asarray(xfer))
+                    stage_emits=jnp.asarray(emits), stage_kv_transfer=jnp.asarray(xfer),
+                    stage_kv_layers=jnp.asarray(kv_layers))
     N = int(wl.arrival.shape[0])
     A = int(min(window or min(S, 64), S))
     Q = int(queue or max(N, 16))
