@@ -161,6 +161,10 @@ def _gather_client(tree, c):
     return jax.tree.map(lambda x: x[c], tree)
 
 
+def _to_f64(tree):
+    return jax.tree.map(lambda x: x.astype(F64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st: EngineState, c,
                 t, t_before, t_after) -> EngineState:
     """Run client `c`'s next iteration (or decode stretch) starting at time `t`."""
@@ -217,7 +221,10 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     capped = jnp.where(exclusive, w_need, jnp.minimum(w_need, cl.chunk_size[c]))
     before = _excl_cumsum(capped)
     w_chunk = jnp.where(exclusive, w_need, jnp.clip(budget - before, 0, capped))
-    tok_ok = jnp.where(exclusive, before + w_need <= budget, (w_chunk > 0) | (w_need == 0))
+    # an exclusive batch may exceed M only as a batch of one on an idle client: a recomputation after
+    # preemption (prompt + generated tokens) can outgrow M, and waiting would never let it in
+    tok_ok = jnp.where(exclusive, (before + w_need <= budget) | ((w == 0) & (n_active == 0)),
+                       (w_chunk > 0) | (w_need == 0))
     tok_ok = tok_ok | ~is_llm
     free_blocks = cap - jnp.where(exclusive, blocks_held.sum(), need_blocks)
     kv_ok = (jnp.cumsum(w_blocks) <= free_blocks) | ~is_llm
@@ -294,15 +301,17 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     decode_only = (chunk.sum() == 0) & is_llm & (n_admit == 0) & ~preempting
 
     # ---- iteration times for up to W consecutive decode iterations
-    replica = _gather_client(cl.replica, c)
-    params = _gather_client(cl.params, c)
+    # the cost model runs in float64 here: float32 durations carry ~1 ns of rounding noise that
+    # differs between the stretched and the per-iteration programs (and so flips the ns rounding)
+    replica = _to_f64(_gather_client(cl.replica, c))
+    params = _to_f64(_gather_client(cl.params, c))
     ctx0 = (prompt + gen - 1).astype(F64)
     js = jnp.arange(W, dtype=I32)
 
     def llm_time(j):
-        b = MixedBatch(prefill_tokens=chunk.astype(jnp.float32), prefill_context=done.astype(jnp.float32),
+        b = MixedBatch(prefill_tokens=chunk.astype(F64), prefill_context=done.astype(F64),
                        prefill_last=(done + chunk >= pf_target), prefill_mask=chunk > 0,
-                       decode_context=(ctx0 + j).astype(jnp.float32), decode_mask=dec_now)
+                       decode_context=ctx0 + j, decode_mask=dec_now)
         return iteration_time(params, replica, b)
 
     dts_llm = jax.vmap(llm_time)(js)
