@@ -86,6 +86,36 @@ def decode_tile_keys(params: CostParams, keys):
     return jnp.maximum(keys, params.m_half[Op.ATTN_DECODE])
 
 
+def decode_attention_time(params: CostParams, rep: Replica, decode_context, dm):
+    """Paged decode attention over every decoding sequence (dm: 0/1 mask); the trailing axis of
+    `decode_context` is the batch, leading axes (if any) are evaluated independently."""
+    L = rep.num_layers
+    full_layers = L - rep.sliding_layers
+    att = decode_context + 1.0
+    att_win = jnp.where(rep.window > 0, jnp.minimum(att, rep.window), att)
+    # keys read per sequence, each layer reading at least one KV tile (see decode_tile_keys)
+    keys = (full_layers * decode_tile_keys(params, att) + rep.sliding_layers * decode_tile_keys(params, att_win)) * dm
+    width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
+    dc_flops = jnp.sum(2.0 * width_d * keys, axis=-1)
+    dc_bytes = jnp.sum(keys * rep.kv_bytes_token_layer + L * dm * width_d * rep.act_bytes, axis=-1)
+    return kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L)
+
+
+def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decode_mask, offsets):
+    """Times of consecutive decode-only iterations: iteration j decodes every masked sequence with
+    its context advanced by offsets[j]. Only attention depends on j, so the rest is costed once;
+    per-iteration and stretched engines both cost decode-only iterations through this function."""
+    empty = jnp.zeros((1,), jnp.float32)
+    b = MixedBatch(prefill_tokens=empty, prefill_context=empty, prefill_last=jnp.zeros((1,), bool),
+                   prefill_mask=jnp.zeros((1,), bool), decode_context=decode_context,
+                   decode_mask=decode_mask)
+    parts = iteration_breakdown(params, rep, b)
+    const = sum(v for k, v in parts.items() if k != "attn_decode")
+    dm = decode_mask.astype(jnp.float32)
+    ctx = decode_context[None, :] + jnp.asarray(offsets, jnp.float32)[:, None]
+    return const + decode_attention_time(params, rep, ctx, dm[None, :])
+
+
 def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> dict[str, Float[Array, ""]]:
     """Seconds spent per operator class in one iteration (keys: gemm, attn_prefill, attn_decode,
     moe, elementwise, lm_head, comm, cpu)."""
@@ -132,14 +162,7 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
                                               rep.mem_bw, _BIG, L), 0.0)
 
     # ---- decode attention (paged, memory bound)
-    att = batch.decode_context + 1.0
-    att_win = jnp.where(rep.window > 0, jnp.minimum(att, rep.window), att)
-    # keys read per sequence, each layer reading at least one KV tile (see decode_tile_keys)
-    keys = (full_layers * decode_tile_keys(params, att) + rep.sliding_layers * decode_tile_keys(params, att_win)) * dm
-    width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
-    dc_flops = jnp.sum(2.0 * width_d * keys)
-    dc_bytes = jnp.sum(keys * rep.kv_bytes_token_layer + L * dm * width_d * ab)
-    t_attn_d = kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L)
+    t_attn_d = decode_attention_time(params, rep, batch.decode_context, dm)
 
     # ---- mixture of experts (grouped GEMMs over the experts that received tokens)
     assign = T * rep.top_k
@@ -156,8 +179,9 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     dense_inter = rep.gemm_n[4] * rep.gemm_layers[4]  # gate+up width summed over dense layers
     ew_bytes = (L * ELEMENTWISE_PASSES_PER_LAYER * T * h * ab + 1.5 * T * dense_inter * ab
                 + T * h * (rep.w_bytes + ab))
+    # FLOPs at the activation format's rate, as calibration counts them (5 per element and pass)
     ew_flops = L * 8.0 * T * h
-    t_ew = jnp.where(T > 0, kernel_time(params, Op.ELEMENTWISE, ew_flops, ew_bytes, rep.peak_vector, rep.mem_bw,
+    t_ew = jnp.where(T > 0, kernel_time(params, Op.ELEMENTWISE, ew_flops, ew_bytes, rep.peak_attn, rep.mem_bw,
                                         _BIG, L * ELEMENTWISE_KERNELS_PER_LAYER + 1.0), 0.0)
 
     # ---- collectives

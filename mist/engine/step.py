@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..cost.iteration import MixedBatch, iteration_time
+from ..cost.iteration import MixedBatch, decode_stretch_times, iteration_time
 from .state import INF, EngineState, itl_bin_edges
 from .tables import ClientTable, EngineDims, Kind, Policy, Reject, Role, Router, Topology, Workload
 
@@ -79,8 +79,8 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
     n_mem = members.sum(axis=1)
     live = mask & has_pool & (n_mem > 0)
     # rank of each item among the items going to the same pool in this step
-    same_pool = (pool_s[:, None] == pool_s[None, :]) & live[None, :] & (jnp.arange(M)[None, :] < jnp.arange(M)[:, None])
-    rank = same_pool.sum(axis=1)
+    pool_hot = (pool_s[:, None] == jnp.arange(dims.pools)[None, :]) & live[:, None]  # [M, P]
+    rank = jnp.sum((jnp.cumsum(pool_hot, axis=0) - pool_hot) * pool_hot, axis=1)
     router = topo.router[pool_s]
     nm = jnp.maximum(n_mem, 1)
     k_rr = (st.rr[pool_s] + rank) % nm
@@ -88,8 +88,8 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
     member_pos = jnp.cumsum(members, axis=1) - 1  # position of each client among its pool's members
     k = jnp.where(router == Router.PREFIX_AFFINITY, k_pfx, k_rr)
     by_index = jnp.argmax(members & (member_pos == k[:, None]), axis=1)
-    load = jnp.where(members, st.outstanding[None, :], INF)
-    by_load = jnp.argsort(load, axis=1)[jnp.arange(M), rank % nm]
+    pool_load = jnp.where(topo.pool_members & cl.enabled[None, :], st.outstanding[None, :], INF)  # [P, C]
+    by_load = jnp.argsort(pool_load, axis=1)[pool_s, rank % nm]
     client = jnp.where(router == Router.LEAST_OUTSTANDING, by_load, by_index).astype(I32)
     rr = st.rr.at[pool_s].add(jnp.where(live & (router == Router.ROUND_ROBIN), 1, 0).astype(I32))
 
@@ -102,12 +102,12 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
     ctx_bad = is_llm & (prompt + target > cl.max_model_len[client])
     tok_bad = is_llm & (cl.policy[client] != Policy.CHUNKED) & (cl.role[client] != Role.DECODE_ONLY) & \
         (prompt - cached > cl.max_batched_tokens[client])
-    same_client = (client[:, None] == client[None, :]) & (jnp.arange(M)[None, :] < jnp.arange(M)[:, None])
     reason = jnp.where(~has_pool | (n_mem == 0), Reject.NO_CLIENT,
                        jnp.where(ctx_bad, Reject.CONTEXT_LENGTH, jnp.where(kv_bad, Reject.KV_CAPACITY,
                                  jnp.where(tok_bad, Reject.BATCH_TOKENS, Reject.NONE))))
     ok0 = mask & (reason == Reject.NONE)
-    crank = (same_client & ok0[None, :]).sum(axis=1)
+    client_hot = (client[:, None] == jnp.arange(C)[None, :]) & ok0[:, None]  # [M, C]
+    crank = jnp.sum((jnp.cumsum(client_hot, axis=0) - client_hot) * client_hot, axis=1)
     pos = st.q_tail[client] + crank
     full = pos - st.q_head[client] >= Q
     reason = jnp.where(ok0 & full, Reject.QUEUE_FULL, reason).astype(I32)
@@ -143,14 +143,19 @@ def eqx_replace(st: EngineState, **kw) -> EngineState:
 
 # ---------------------------------------------------------------------------------------- arrivals
 def arrival_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_valid, st: EngineState,
-                 t_limit) -> EngineState:
+                 t_limit, enabled=True) -> EngineState:
     """Route the arrivals due no later than the next client event (at least one)."""
     A = dims.window
     idx = st.cursor + jnp.arange(A, dtype=I32)
     idx_s = jnp.clip(idx, 0, dims.num_requests - 1)
     t_first = wl.arrival[jnp.clip(st.cursor, 0, dims.num_requests - 1)]
-    due = (idx < n_valid) & (wl.arrival[idx_s] <= jnp.maximum(t_limit, t_first))
-    due = jnp.cumprod(due).astype(bool)
+    # with multi-stage pipelines only arrivals at the first one's time: an arrival queued before its
+    # time would block, in its FIFO queue, hand-offs that become ready earlier (head of line)
+    # (decided by the pipelines' data, not by the stage capacity, so padding never changes results)
+    multi = (topo.pipeline_pools[:, 1:] >= 0).any() if dims.stages > 1 else False
+    t_lim = jnp.where(multi, t_first, jnp.maximum(t_limit, t_first))
+    due = (idx < n_valid) & (wl.arrival[idx_s] <= t_lim)
+    due = jnp.cumprod(due).astype(bool) & enabled
     st = route_and_push(dims, cl, topo, wl, st, idx, jnp.zeros(A, I32), wl.arrival[idx_s], jnp.zeros(A, F64),
                         jnp.full(A, -1, I32), due)
     return eqx_replace(st, cursor=st.cursor + due.sum().astype(I32))
@@ -308,13 +313,14 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     ctx0 = (prompt + gen - 1).astype(F64)
     js = jnp.arange(W, dtype=I32)
 
-    def llm_time(j):
-        b = MixedBatch(prefill_tokens=chunk.astype(F64), prefill_context=done.astype(F64),
-                       prefill_last=(done + chunk >= pf_target), prefill_mask=chunk > 0,
-                       decode_context=ctx0 + j, decode_mask=dec_now)
-        return iteration_time(params, replica, b)
-
-    dts_llm = jax.vmap(llm_time)(js)
+    b0 = MixedBatch(prefill_tokens=chunk.astype(F64), prefill_context=done.astype(F64),
+                    prefill_last=(done + chunk >= pf_target), prefill_mask=chunk > 0,
+                    decode_context=ctx0, decode_mask=dec_now)
+    # decode-only batches (always, in both modes) are costed by the stretch function, whose per-j
+    # work is only the attention term; anything else is one general iteration
+    dt_general = iteration_time(params, replica, b0)
+    dt_stretch = decode_stretch_times(params, replica, ctx0, dec_now, js.astype(F64))
+    dts_llm = jnp.where(decode_only, dt_stretch, dt_general)
     n_items = jnp.where(active & new_slot, 1, 0).sum()
     dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * chunk.sum()
     dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64)
@@ -397,7 +403,16 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
 
 # ------------------------------------------------------------------------------------------- step
 def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_valid, st: EngineState) -> EngineState:
-    """Advance the simulation by one event (no-op once every request has completed)."""
+    """Advance the simulation by one event: route the arrivals due no later than the earliest client
+    event (arrivals win ties), then run the client whose event comes first, unless a further
+    arrival comes before it. A no-op once every request has completed."""
+    finished = st.completed >= n_valid
+    all_arrived = st.cursor >= n_valid
+    t_cli = client_event_times(dims, cl, st, all_arrived)
+    t_arr = jnp.where(all_arrived, INF, wl.arrival[jnp.clip(st.cursor, 0, dims.num_requests - 1)])
+    route = (t_arr <= t_cli.min()) & ~all_arrived & ~finished
+    st = arrival_step(dims, cl, topo, wl, n_valid, st, t_cli.min(), route)
+
     all_arrived = st.cursor >= n_valid
     t_cli = client_event_times(dims, cl, st, all_arrived)
     t_arr = jnp.where(all_arrived, INF, wl.arrival[jnp.clip(st.cursor, 0, dims.num_requests - 1)])
@@ -406,18 +421,10 @@ def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_vali
     idx = jnp.arange(dims.num_clients)
     t_before = jnp.minimum(t_arr, jnp.where(idx < c, t_cli, INF).min())
     t_after = jnp.where(idx > c, t_cli, INF).min()
-    finished = st.completed >= n_valid
-    take_arrival = (t_arr <= t_c) & ~all_arrived
-
-    def do_arrival(s):
-        return arrival_step(dims, cl, topo, wl, n_valid, s, t_c)
+    run_client = (t_c < t_arr) & jnp.isfinite(t_c) & ~finished
 
     def do_client(s):
         return client_step(dims, cl, topo, wl, s, c, t_c, t_before, t_after)
 
-    def do_event(s):
-        return jax.lax.cond(take_arrival, do_arrival, do_client, s)
-
-    stuck = ~take_arrival & ~jnp.isfinite(t_c)
-    new = jax.lax.cond(finished | stuck, lambda s: s, do_event, st)
-    return eqx_replace(new, steps=new.steps + jnp.where(finished | stuck, 0, 1).astype(I32))
+    new = jax.lax.cond(run_client, do_client, lambda s: s, st)
+    return eqx_replace(new, steps=new.steps + (route | run_client).astype(I32))
