@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         from . import run_commands
 
         run_commands.register(sub)
+        from . import sweep_commands; sweep_commands.register(sub)  # noqa: E702
     except ImportError:  # engine front ends not present
         pass
     return ap
