@@ -419,8 +419,11 @@ def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_vali
     c = jnp.argmin(t_cli).astype(I32)
     t_c = t_cli[c]
     idx = jnp.arange(dims.num_clients)
-    t_before = jnp.minimum(t_arr, jnp.where(idx < c, t_cli, INF).min())
-    t_after = jnp.where(idx > c, t_cli, INF).min()
+    # only the next arrival and the clients that can hand work to c bound c's decode stretch
+    upstream = jnp.ones(dims.num_clients, bool) if topo.feeds is None else topo.feeds[:, c]
+    t_up = jnp.where(upstream & (idx != c), t_cli, INF)
+    t_before = jnp.minimum(t_arr, jnp.where(idx < c, t_up, INF).min())
+    t_after = jnp.where(idx > c, t_up, INF).min()
     run_client = (t_c < t_arr) & jnp.isfinite(t_c) & ~finished
 
     def do_client(s):

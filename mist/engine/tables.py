@@ -121,6 +121,10 @@ class Topology(eqx.Module):
     # layer-by-layer transfer overlapped with the previous stage: only bytes / stage_kv_layers[np, k]
     # (the last layer's share) is exposed; 1 = the whole KV after the stage ends; None = all 1
     stage_kv_layers: Float[Array, "np k"] | None = None
+    # feeds[a, b]: client a can hand a request to client b (consecutive stages of some pipeline).
+    # A client's decode stretch must stop at the next event of any client that feeds it; clients
+    # that cannot reach each other advance independently. None = every client feeds every other.
+    feeds: Bool[Array, "c c"] | None = None
 
 
 class Workload(eqx.Module):

@@ -333,10 +333,15 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
             else:
                 bw[i, j], lat[i, j] = _default_link(rows[i]["device"], rows[j]["device"], int(rows[i]["devices"]),
                                                     int(rows[j]["devices"]))
+    feeds = np.zeros((C, C), bool)
+    for p in pp:
+        for k in range(K - 1):
+            if p[k] >= 0 and p[k + 1] >= 0:
+                feeds |= members[p[k]][:, None] & members[p[k + 1]][None, :]
     topo = Topology(link_latency=jnp.asarray(lat), link_bandwidth=jnp.asarray(bw), pool_members=jnp.asarray(members),
                     router=jnp.asarray(router), pipeline_pools=jnp.asarray(pp), stage_extra_prompt=jnp.asarray(extra),
                     stage_emits=jnp.asarray(emits), stage_kv_transfer=jnp.asarray(xfer),
-                    stage_kv_layers=jnp.asarray(kv_layers))
+                    stage_kv_layers=jnp.asarray(kv_layers), feeds=jnp.asarray(feeds))
     N = int(wl.arrival.shape[0])
     A = int(min(window or min(S, 64), S))
     Q = int(queue or max(N, 16))
