@@ -200,6 +200,10 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
     for pool in dep.routers:
         if pool not in pool_names:
             raise SpecError(dep.name, f"routers.{pool}", "router for a pool with no client", "remove it or add clients")
+    if num_requests is None:
+        # pad to a size bucket so that runs of similar sizes share one compiled program
+        n_req = len(requests["arrival"]) if isinstance(requests, dict) else int(requests.num_valid)
+        num_requests = bucket(n_req)
     wl = lower_workload(requests, num_requests)
     n_pipe = len(dep.pipelines)
     if int(np.max(np.asarray(wl.pipeline))) >= n_pipe:
@@ -363,6 +367,17 @@ def stack_lowered(items: list[Lowered]) -> Lowered:
                    workload=st([i.workload for i in items]), client_names=items[0].client_names,
                    pool_names=items[0].pool_names, pipeline_names=items[0].pipeline_names,
                    notes={"configs": [i.notes for i in items]})
+
+
+def bucket(n: int, minimum: int = 64) -> int:
+    """The capacity a workload of n requests is padded to: the next power of two, or a multiple
+    of 1/8 of it above 4096 (padding costs memory, not per-step work)."""
+    n = max(int(n), minimum)
+    p = 1 << (n - 1).bit_length()
+    if p <= 4096:
+        return p
+    step = p // 8
+    return -(-n // step) * step
 
 
 def ceil_div(a: int, b: int) -> int:
