@@ -38,6 +38,11 @@ TEST_PERCENT = 20
 #: ops whose rows are scored but never fitted: their form shares a parameter class with a
 #: better-measured op (MLA with standard attention) and would drag it away
 EVAL_ONLY_OPS: tuple[str, ...] = ("mla_prefill", "mla_decode")
+#: collectives are fitted on the communication library's own timings (NCCL / RCCL / oneCCL
+#: benchmarks) when a device has them; framework-level measurements (Vidur's torch.distributed
+#: timings, vLLM's custom all-reduce) are different implementations and are scored only
+COLLECTIVES: tuple[str, ...] = ("allreduce", "allgather", "reducescatter", "alltoall", "send_recv")
+COLLECTIVE_LIBRARIES: tuple[str, ...] = ("nccl", "rccl", "oneccl")
 #: the formats the simulator's defaults run in; fitted first when an op has rows in them
 PRIMARY_DTYPES: tuple[str, ...] = ("bf16", "fp16")
 
@@ -48,7 +53,8 @@ def fit_rows_mask(table: pd.DataFrame) -> np.ndarray:
     One parameter set per operator class cannot describe every kernel family at once, so per op
     the fit uses the rows in the primary formats (bf16/fp16 activations, weights and KV cache),
     falling back to plain fp8 (not block-scaled) and then to all rows when an op has none; MLA
-    rows are never fitted (see EVAL_ONLY_OPS)."""
+    rows are never fitted (see EVAL_ONLY_OPS); collectives prefer the library benchmarks
+    (see COLLECTIVE_LIBRARIES)."""
     n = len(table)
     op = table["op"].astype(object).to_numpy()
     def col(c):
@@ -59,11 +65,15 @@ def fit_rows_mask(table: pd.DataFrame) -> np.ndarray:
     prim = isin(dt, PRIMARY_DTYPES) & isin(wdt, PRIMARY_DTYPES) & isin(kvdt, PRIMARY_DTYPES)
     blk = np.array(["block" in str(v).lower() for v in var])
     fp8 = isin(dt, ("fp8",)) & isin(wdt, ("fp8",)) & ~blk
+    fw = np.array([str(x).lower() for x in col("framework")])
+    lib = np.array([f.startswith(COLLECTIVE_LIBRARIES) for f in fw])
     out = np.zeros(n, bool)
     for o in pd.unique(op):
         m = op == o
         if o in EVAL_ONLY_OPS:
             continue
+        if o in COLLECTIVES and (m & lib).any():
+            m = m & lib
         for cand in (prim, fp8, np.ones(n, bool)):
             if (m & cand).any():
                 out |= m & cand
@@ -156,34 +166,41 @@ def _loss_on(params, arrays, logt, weights):
 
 def loss(params: CostParams, prep: Prepared, weights: dict | None = None):
     """The fitting loss of `params` on prepared rows (a jnp scalar; differentiable)."""
+    arrays, logt, w = _loss_inputs(prep, balance=False)
+    if weights is not None:
+        w = weights
+    return eqx.filter_jit(_loss_on)(params, arrays, logt, w)
+
+
+def _loss_inputs(prep: Prepared, balance: bool):
+    """Padded arrays, log measured times and row weights (0 on padding) per op."""
     arrays = {op: a for op, (_, a) in prep.groups.items()}
-    logt = {op: jnp.asarray(np.log(prep.measured[i]), jnp.float32) for op, (i, _) in prep.groups.items()}
-    w = weights or {op: jnp.ones_like(v) for op, v in logt.items()}
-    return _loss_on(params, arrays, logt, w)
-
-
-def _op_weights(prep: Prepared) -> dict:
-    """Row weights: every op kind present counts equally in the loss (so that a kind with few
-    rows, e.g. reduce-scatter beside thousands of all-gathers sharing its parameters, is not
-    drowned); the mean weight is 1."""
     n_all = sum(len(i) for i, _ in prep.groups.values())
     k = len(prep.groups)
-    return {op: jnp.full((len(i),), n_all / (k * len(i)), jnp.float32) for op, (i, _) in prep.groups.items()}
+    logt, w = {}, {}
+    for op, (i, a) in prep.groups.items():
+        size = next(iter(a.values())).shape[0]
+        lt = np.zeros(size, np.float32)
+        lt[: len(i)] = np.log(prep.measured[i])
+        wt = np.zeros(size, np.float32)
+        # balance: every op kind present counts equally (so that a kind with few rows, e.g.
+        # reduce-scatter beside all-gathers sharing its parameters, is not drowned); mean weight 1
+        wt[: len(i)] = n_all / (k * len(i)) if balance else 1.0
+        logt[op], w[op] = jnp.asarray(lt), jnp.asarray(wt)
+    return arrays, logt, w
 
 
 def fit_prepared(params0: CostParams, prep: Prepared, *, steps: int = 600, lr: float = 0.05,
                  balance: bool = True) -> tuple[CostParams, list[float]]:
     """Adam on the log-space loss from `params0`; returns (fitted params, loss history)."""
-    arrays = {op: a for op, (_, a) in prep.groups.items()}
-    logt = {op: jnp.asarray(np.log(prep.measured[i]), jnp.float32) for op, (i, _) in prep.groups.items()}
-    weights = _op_weights(prep) if balance else {op: jnp.ones_like(v) for op, v in logt.items()}
+    arrays, logt, weights = _loss_inputs(prep, balance)
     mask = gradient_mask(prep, params0)
     sched = optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.05)
     opt = optax.adam(sched)
     state = opt.init(params0)
 
     @eqx.filter_jit
-    def run(p, s, n_steps):
+    def run(p, s, arrays, logt, weights, mask, n_steps):
         def body(carry, _):
             p, s = carry
             val, g = eqx.filter_value_and_grad(_loss_on)(p, arrays, logt, weights)
@@ -194,7 +211,7 @@ def fit_prepared(params0: CostParams, prep: Prepared, *, steps: int = 600, lr: f
         (p, s), vals = jax.lax.scan(body, (p, s), None, length=n_steps)
         return p, s, vals
 
-    p, state, hist = run(params0, state, steps)
+    p, state, hist = run(params0, state, arrays, logt, weights, mask, steps)
     return p, [float(v) for v in np.asarray(hist)]
 
 
@@ -244,7 +261,8 @@ class FitResult:
             "metrics_test_after": _metrics_dict(self.after),
             "metrics_test_after_fitted_kinds": _metrics_dict(self.after_fitted)
             if self.after_fitted is not None else {},
-            "fitted_rows_rule": "per op: bf16/fp16 rows, else plain fp8, else all; MLA scored only",
+            "fitted_rows_rule": "per op: bf16/fp16 rows, else plain fp8, else all; MLA scored only; "
+                                "collectives: NCCL/RCCL/oneCCL benchmark rows when present",
             "dropped_rows": self.dropped,
         }
 
@@ -450,10 +468,16 @@ def transfer_validation(source: str, target: str, table: pd.DataFrame | None = N
     m1 = metrics(predict(params, tgt, test, report=False), test)
     out = pd.DataFrame({"count": m1["count"], "mape_default": m0["mape"], "p90_default": m0["p90_ape"],
                         "mape_transfer": m1["mape"], "p90_transfer": m1["p90_ape"]})
+    fm = fit_rows_mask(test)
+    tf = test[fm].reset_index(drop=True)
+    mf = metrics(predict(params, tgt, tf, report=False), tf)
+    out["count_fitted_kind"] = mf["count"]
+    out["mape_transfer_fitted_kind"] = mf["mape"]
     own = directory / f"{tgt.name}.json"
     if own.exists() and _origin(json.loads(own.read_text())).startswith("fitted"):
         po = CostParams.from_dict(json.loads(own.read_text())["params"])
         m2 = metrics(predict(po, tgt, test, report=False), test)
         out["mape_own_fit"] = m2["mape"]
         out["p90_own_fit"] = m2["p90_ape"]
+        out["mape_own_fit_fitted_kind"] = metrics(predict(po, tgt, tf, report=False), tf)["mape"]
     return out

@@ -205,6 +205,17 @@ class Prepared:
         return np.sort(np.concatenate(idx)) if idx else np.zeros(0, int)
 
 
+def bucket(n: int) -> int:
+    """Padded length of a group of n rows (powers of two from 64), so that tables of similar
+    size share one compiled predictor instead of compiling one per row count."""
+    return max(64, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _pad(v: np.ndarray, size: int) -> np.ndarray:
+    """Pad with copies of the last row (valid inputs; the padded outputs are ignored)."""
+    return np.concatenate([v, np.repeat(v[-1:], size - len(v))]) if size > len(v) else v
+
+
 def prepare(device: Device, table: pd.DataFrame) -> Prepared:
     """Group `table` by op and convert each group's columns to jnp arrays (float32)."""
     table = table.reset_index(drop=True)
@@ -221,12 +232,15 @@ def prepare(device: Device, table: pd.DataFrame) -> Prepared:
         if (~ok).any():
             dropped[f"{op} (missing fields)"] = int((~ok).sum())
         if ok.any():
-            groups[op] = (idx[ok], {k: jnp.asarray(v[ok], jnp.float32) for k, v in a.items()})
+            n = int(ok.sum())
+            size = bucket(n)
+            groups[op] = (idx[ok], {k: jnp.asarray(_pad(v[ok], size), jnp.float32) for k, v in a.items()})
     return Prepared(groups=groups, measured=t, n_rows=len(table), dropped=dropped)
 
 
 def predict_prepared(params: CostParams, prep: Prepared) -> dict[str, jnp.ndarray]:
-    """Seconds per kept row, per op (jnp, differentiable in params)."""
+    """Seconds per kept row, per op (jnp, differentiable in params), padded to the group's bucket:
+    the first len(prep.groups[op][0]) entries are the rows'."""
     return {op: PREDICTORS[op](params, a) for op, (_, a) in prep.groups.items()}
 
 
@@ -236,7 +250,8 @@ def predict(params: CostParams, device: Device, table: pd.DataFrame, *, report: 
     prep = prepare(device, table)
     out = np.full(prep.n_rows, np.nan)
     for op, y in predict_prepared(params, prep).items():
-        out[prep.groups[op][0]] = np.asarray(y, np.float64)
+        idx = prep.groups[op][0]
+        out[idx] = np.asarray(y, np.float64)[: len(idx)]
     if report and prep.dropped:
         import warnings
 
