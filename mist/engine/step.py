@@ -171,8 +171,13 @@ def _to_f64(tree):
 
 
 def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st: EngineState, c,
-                t, t_before, t_after) -> EngineState:
-    """Run client `c`'s next iteration (or decode stretch) starting at time `t`."""
+                t, t_before, t_after, go=True, n_valid=None) -> EngineState:
+    """Run client `c`'s next iteration (or decode stretch) starting at time `t`.
+
+    With `go` False the step changes nothing: every write is masked (no `lax.cond`, which under
+    vmap would select between two copies of the whole state on every step)."""
+    go = jnp.asarray(go)
+    n_valid = wl.valid.sum() if n_valid is None else n_valid
     S, A, Q, W, K = dims.slots, min(dims.window, dims.slots), dims.queue, dims.stretch, dims.stages
     pol, role, kind = cl.policy[c], cl.role[c], cl.kind[c]
     bs, cap = cl.block_size[c], cl.kv_blocks[c]
@@ -219,7 +224,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     gate = jnp.where(pol == Policy.CHUNKED, True,
                      jnp.where(pol == Policy.CONTINUOUS, True, n_active == 0))
     n_ready = rdy.sum()
-    gate = gate & jnp.where(pol == Policy.STATIC, (n_ready >= s_eff) | (st.cursor >= wl.valid.sum()), True)
+    gate = gate & jnp.where(pol == Policy.STATIC, (n_ready >= s_eff) | (st.cursor >= n_valid), True)
     # token budget left for new prefills
     run_prefill_tokens = jnp.where(exclusive, 0, run_chunk_cap.sum())
     budget = cl.max_batched_tokens[c] - jnp.where(exclusive, 0, n_dec) - run_prefill_tokens
@@ -235,11 +240,11 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     kv_ok = (jnp.cumsum(w_blocks) <= free_blocks) | ~is_llm
     slot_ok = w < free_slots
     preempt_chunked = (~exclusive) & (need_blocks > cap)
-    admit = jnp.cumprod(rdy & tok_ok & kv_ok & slot_ok).astype(bool) & gate & ~preempt_chunked
+    admit = jnp.cumprod(rdy & tok_ok & kv_ok & slot_ok).astype(bool) & gate & ~preempt_chunked & go
     n_admit = admit.sum().astype(I32)
     # an exclusive policy that admits runs a prefill-only iteration; otherwise it decodes
     prefill_iter = exclusive & (n_admit > 0)
-    preempting = is_llm & jnp.where(exclusive, ~prefill_iter & (need_blocks > cap), preempt_chunked)
+    preempting = is_llm & jnp.where(exclusive, ~prefill_iter & (need_blocks > cap), preempt_chunked) & go
 
     # LIFO victims: latest admitted first, until the grown batch fits
     vict_key = jnp.where(active, -order, jnp.iinfo(jnp.int32).max)
@@ -292,7 +297,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
 
     # ---- this iteration's work per slot
     decoding = active & ~prefill & (gen < target)
-    dec_now = decoding & ~prefill_iter
+    dec_now = decoding & ~prefill_iter & go
     rem = jnp.where(prefill & active, pf_target - done, 0)
     cap_rem = jnp.where(exclusive, rem, jnp.minimum(rem, cl.chunk_size[c]))
     pri = jnp.argsort(jnp.where(prefill & active, order, jnp.iinfo(jnp.int32).max))
@@ -303,7 +308,11 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # exclusive policies prefill only what they just admitted (whole prompts); others keep going
     chunk = jnp.where(exclusive & ~new_slot, 0, chunk)
     chunk = jnp.where(is_llm, chunk, jnp.where(active, prompt, 0))
+    chunk = jnp.where(go, chunk, 0)
     decode_only = (chunk.sum() == 0) & is_llm & (n_admit == 0) & ~preempting
+
+    # rows of client c are rewritten below; with go False they must come back unchanged
+    rid = jnp.where(go, rid, st.s_rid[c])
 
     # ---- iteration times for up to W consecutive decode iterations
     # the cost model runs in float64 here: float32 durations carry ~1 ns of rounding noise that
@@ -340,6 +349,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     ok = ok & (decode_only | (js == 0))
     ok = ok.at[0].set(True)
     k = jnp.cumprod(ok).sum().astype(I32)
+    k = jnp.where(go, k, 0)
     t_end = t + jnp.where(js < k, dts, 0.0).sum()
 
     # ---- inter-token latencies
@@ -363,13 +373,14 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     emits = topo.stage_emits[pipe, stage]
     ft_idx = jnp.where(makes_token & emits, rid, dims.num_requests)
     o_first_token = st.o_first_token.at[ft_idx].min(jnp.full(S, t_end, F64), mode="drop")
-    finished = active & ~prefill & (gen >= target)
+    finished = active & ~prefill & (gen >= target) & go
     fr = jnp.where(finished, rid, dims.num_requests)
     o_stage_end = st.o_stage_end.at[fr, stage].set(t_end, mode="drop")
 
     st = eqx_replace(
         st,
-        t_free=st.t_free.at[c].set(t_end), iters=st.iters.at[c].add(k), busy=st.busy.at[c].add(t_end - t),
+        t_free=st.t_free.at[c].set(jnp.where(go, t_end, st.t_free[c])), iters=st.iters.at[c].add(k),
+        busy=st.busy.at[c].add(jnp.where(go, t_end - t, 0.0)),
         outstanding=st.outstanding.at[c].add(-jnp.where(finished, prompt + target, 0).sum().astype(F64)),
         s_rid=st.s_rid.at[c].set(jnp.where(finished, -1, rid)), s_stage=st.s_stage.at[c].set(stage),
         s_prompt=st.s_prompt.at[c].set(prompt), s_done=st.s_done.at[c].set(done),
@@ -426,8 +437,5 @@ def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_vali
     t_after = jnp.where(idx > c, t_up, INF).min()
     run_client = (t_c < t_arr) & jnp.isfinite(t_c) & ~finished
 
-    def do_client(s):
-        return client_step(dims, cl, topo, wl, s, c, t_c, t_before, t_after)
-
-    new = jax.lax.cond(run_client, do_client, lambda s: s, st)
+    new = client_step(dims, cl, topo, wl, st, c, t_c, t_before, t_after, go=run_client, n_valid=n_valid)
     return eqx_replace(new, steps=new.steps + (route | run_client).astype(I32))
