@@ -194,7 +194,7 @@ class ReferenceEngine:
                 c = mem[self.pkey[rid] % nm]
             else:
                 c = mem[(rr0[pool] + rank) % nm]
-            if r == Router.ROUND_ROBIN:
+            if r == Router.ROUND_ROBIN or (r == Router.PREFIX_AFFINITY and self.pkey[rid] < 0):
                 self.rr[pool] += 1
             prompt, target = self.shape(rid, stage, c)
             if self.kind[c] == Kind.LLM:

@@ -113,13 +113,19 @@ def _cmd_latency(args) -> int:
     lats = [float(s["duration_s"]) for s in (res.seed_summaries or [res.summary])]
     pct = {str(p): float(np.percentile(lats, p)) for p in (10, 25, 50, 75, 90, 99)}
     out = {"avg_latency": float(np.mean(lats)), "latencies": lats, "percentiles": pct, **_common_json(res)}
+    return _finish(args, res, out, f"batch {args.batch} x ({args.input_len} in, {args.output_len} out) on "
+                   f"{args.model} / {args.hardware} tp={args.tp}: avg latency {out['avg_latency']:.4f} s over "
+                   f"{args.seeds} seed(s)")
+
+
+def _finish(args, res, out: dict, line: str) -> int:
+    """Write outputs if asked, then print the JSON object or a one-line report."""
     if args.out:
         res.write(args.out)
     if args.json:
         emit_json(out)
     else:
-        print(f"batch {args.batch} x ({args.input_len} in, {args.output_len} out) on {args.model} / {args.hardware} "
-              f"tp={args.tp}: avg latency {out['avg_latency']:.4f} s over {args.seeds} seed(s)")
+        print(line)
         print(f"simulated in {res.stats.run_s:.3f} s (+{res.stats.compile_s:.1f} s compile)")
     return 0
 
@@ -145,15 +151,9 @@ def _cmd_throughput(args) -> int:
            "output_tokens_per_second": outt / dur if dur else 0.0, **_common_json(res)}
     if "seeds" in s:
         out["seeds"] = s["seeds"]
-    if args.out:
-        res.write(args.out)
-    if args.json:
-        emit_json(out)
-    else:
-        print(f"Throughput: {out['requests_per_second']:.2f} requests/s, {out['tokens_per_second']:.2f} total tokens/s, "
-              f"{out['output_tokens_per_second']:.2f} output tokens/s ({done} requests, {out['rejected']} rejected)")
-        print(f"simulated in {res.stats.run_s:.3f} s (+{res.stats.compile_s:.1f} s compile)")
-    return 0
+    return _finish(args, res, out, f"Throughput: {out['requests_per_second']:.2f} requests/s, "
+                   f"{out['tokens_per_second']:.2f} total tokens/s, {out['output_tokens_per_second']:.2f} output "
+                   f"tokens/s ({done} requests, {out['rejected']} rejected)")
 
 
 SERVE_KEYS = ("completed", "request_throughput", "output_throughput", "total_token_throughput",

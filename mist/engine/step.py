@@ -28,6 +28,30 @@ def _excl_cumsum(x):
     return jnp.cumsum(x) - x
 
 
+def _fmix32(x):
+    """MurmurHash3's 32-bit finaliser: a cheap, well-mixed integer hash."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _iteration_normals(key, client, iteration):
+    """Standard normals indexed by (seed, client, absolute iteration number), so that a client's
+    k-th iteration draws the same noise whether it runs alone or inside a stretch. A counter-based
+    hash with Box-Muller: a few integer ops per draw instead of a PRNG split per iteration."""
+    kd = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
+    seed = _fmix32(kd[0] ^ _fmix32(kd[-1] + jnp.uint32(0x9E3779B9)))
+    x = seed ^ _fmix32(jnp.asarray(client).astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + jnp.uint32(1))
+    it = jnp.asarray(iteration).astype(jnp.uint32)
+    h1 = _fmix32(x ^ _fmix32(it * jnp.uint32(2) + jnp.uint32(0x632BE5AB)))
+    h2 = _fmix32(x ^ _fmix32(it * jnp.uint32(2) + jnp.uint32(0x2545F491)))
+    u1 = (h1.astype(F64) + 1.0) / 4294967297.0  # in (0, 1)
+    u2 = h2.astype(F64) / 4294967296.0
+    return jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * jnp.pi * u2)
+
+
 def _quantise_ns(dt):
     """Round a duration to whole nanoseconds (exact sums in any order); straight-through gradient."""
     q = jnp.round(dt * 1e9) / 1e9
@@ -91,7 +115,8 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
     pool_load = jnp.where(topo.pool_members & cl.enabled[None, :], st.outstanding[None, :], INF)  # [P, C]
     by_load = jnp.argsort(pool_load, axis=1)[pool_s, rank % nm]
     client = jnp.where(router == Router.LEAST_OUTSTANDING, by_load, by_index).astype(I32)
-    rr = st.rr.at[pool_s].add(jnp.where(live & (router == Router.ROUND_ROBIN), 1, 0).astype(I32))
+    uses_rr = (router == Router.ROUND_ROBIN) | ((router == Router.PREFIX_AFFINITY) & (wl.prefix_key[rid_s] < 0))
+    rr = st.rr.at[pool_s].add(jnp.where(live & uses_rr, 1, 0).astype(I32))
 
     # feasibility on the chosen client
     prompt, target = _stage_shape(cl, topo, wl, rid_s, stage, client)
@@ -334,7 +359,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * chunk.sum()
     dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64)
     sigma = params.step_noise_sigma
-    z = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(jax.random.fold_in(st.key, c), st.iters[c] + j)))(js)
+    z = _iteration_normals(st.key, c, st.iters[c] + js)
     dts = dts * jnp.where(sigma > 0, jnp.exp(sigma * z - 0.5 * sigma * sigma), 1.0)
     dts = _quantise_ns(dts)
     starts = t + jnp.concatenate([jnp.zeros(1, F64), jnp.cumsum(dts)[:-1]])
@@ -343,7 +368,13 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     rem_dec = jnp.where(dec_now, target - gen, jnp.iinfo(jnp.int32).max)
     min_rem = rem_dec.min()
     others = jnp.where(active & ~dec_now, blocks_held, 0).sum()
-    blocks_j = jax.vmap(lambda j: jnp.where(dec_now, _cdiv(prompt + gen + 1 + j, bs), 0).sum())(js) + others
+    # sum over decoding slots of ceil((x + j) / bs), x = prompt + gen + 1, from the sorted residues
+    # y mod bs (y = x - 1): ceil((x + j)/bs) = y // bs + 1 + j // bs + [y mod bs >= bs - j mod bs]
+    y = prompt + gen
+    base_blocks = jnp.where(dec_now, y // bs + 1, 0).sum()
+    r_sorted = jnp.sort(jnp.where(dec_now, y % bs, -1))
+    n_crossing = S - jnp.searchsorted(r_sorted, bs - js % bs, side="left")
+    blocks_j = base_blocks + dec_now.sum() * (js // bs) + n_crossing + others
     pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
     ok = (js < min_rem) & ((blocks_j <= cap) | ~is_llm) & (starts < t_before) & (starts <= t_after) & (starts < pending)
     ok = ok & (decode_only | (js == 0))
