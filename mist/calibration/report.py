@@ -229,5 +229,8 @@ def write_report(*, refit: bool = True, steps: int = 600, tables: dict | None = 
     if SKIPPED:
         L += [f"Measured but not fitted (no catalog entry to take peak rates and bandwidths from): "
               f"{', '.join(sorted(SKIPPED))}.", ""]
+    e2e = out.parent / "E2E.md"  # end-to-end validation, written by experiments/validate_e2e.py
+    if e2e.exists():
+        L += [e2e.read_text().rstrip(), ""]
     out.write_text("\n".join(L) + "\n")
     return out

@@ -1,0 +1,811 @@
+"""End-to-end validation of MIST against measured serving results, and gradient-based fitting of
+the per-iteration CPU overhead terms through the engine's scan.
+
+Measured data (read from ../shared/data, or $MIST_SHARED_DATA; the script says so and exits when
+it is absent):
+
+* LLM-Inference-Bench (Argonne, arXiv:2411.00136), `llm_inference_bench/Plots/All_results.csv`,
+  NVIDIA rows of vLLM and TensorRT-LLM: whole-batch latency of B identical requests
+  (input = output = L tokens) served together, and throughput = B * 2L / latency.
+* Splitwise (ISCA'24) perf model, `splitwise_sim/perf_model.csv`: prompt time (TTFT of the batch),
+  per-token time (TBT) and end-to-end time of B identical requests on DGX-A100 / DGX-H100 (vLLM).
+
+Every measured configuration becomes a MIST deployment (one replica, TP = the benchmark's GPU
+count, vLLM-v0-like continuous batching) and a workload of B requests arriving together at t = 0;
+all configurations share one compiled engine program (same capacities) and run as vmapped groups.
+
+Fitting: the CPU-side terms of each device's CostParams (log_cpu_iter, log_cpu_per_seq,
+log_cpu_per_token) are fitted with optax (Adam) by differentiating a log-space error of the
+simulated against the measured latency THROUGH the engine's scan (`run_chunk.__wrapped__`, the
+un-jitted scan, under jax.checkpoint). With all requests arriving at t = 0 the engine's discrete
+decisions (admission, preemption, stretch lengths) do not depend on the times, so they are held
+fixed and the gradient is exact. Train and test rows are split by configuration (LLM-Inference-
+Bench: device, framework, model, TP hashed; Splitwise: TP 2 and 8 train, TP 4 test).
+
+Usage: python experiments/validate_e2e.py [--quick] [--out DIR] [--no-fit] [--no-write-params]
+Outputs: DIR/validate_e2e.csv (every row: measured, predicted before/after fitting, APE),
+DIR/validate_e2e.json (summary), calibration/E2E.md (the report section), and the "cpu" block of
+calibration/params/<device>.json for the fitted devices (unless --quick or --no-write-params).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import functools
+import json
+import os
+import sys
+import time
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MIST_SHARED_DATA", ROOT.parent / "shared" / "data"))
+LIB_FILE = Path("llm_inference_bench") / "Plots" / "All_results.csv"
+SW_FILE = Path("splitwise_sim") / "perf_model.csv"
+
+# LLM-Inference-Bench ran on Argonne's Polaris (4x A100-SXM4-40GB per node), an H100 node and GH200.
+LIB_HARDWARE = {"Nvidia A100 GPU": "A100-SXM-40GB", "Nvidia H100 GPU": "H100-SXM", "Nvidia GH200 GPU": "GH200"}
+# HF id -> (catalog model, vLLM max_model_len of the benchmarked checkpoint, note)
+LIB_MODELS = {
+    "meta-llama/Llama-2-7b-hf": ("llama-2-7b", 4096, ""),
+    "meta-llama/Llama-2-70b-hf": ("llama-2-70b", 4096, ""),
+    "meta-llama/Meta-Llama-3-8B": ("llama-3.1-8b", 8192, "Llama-3.1-8B config as proxy (same shapes)"),
+    "meta-llama/Meta-Llama-3-70B": ("llama-3.1-70b", 8192, "Llama-3.1-70B config as proxy (same shapes)"),
+    "mistralai/Mistral-7B-v0.1": ("mistral-7b-v0.1", 32768, ""),
+    "mistralai/Mixtral-8x7B-v0.1": ("mixtral-8x7b-v0.1", 32768, ""),
+    "Qwen/Qwen2-7B": ("qwen2.5-7b-instruct", 32768, "Qwen2.5-7B config as proxy (same shapes)"),
+    "Qwen/Qwen2-72B": ("qwen2.5-72b-instruct", 32768, "Qwen2.5-72B config as proxy (same shapes)"),
+}
+LIB_FRAMEWORKS = ("vLLM", "TensorRT-LLM")
+SW_HARDWARE = {"a100-80gb": "A100-SXM-80GB", "h100-80gb": "H100-SXM"}  # h100-80gb-pcap (power-capped): skipped
+SW_MODELS = {"llama2-70b": "llama-2-70b"}  # bloom-176b: no catalog config (see E2E.md)
+
+# one engine program for every configuration: batch sizes in both sources are <= 64
+SLOTS = 64
+STRETCH = 64
+GROUP = 64  # configurations per vmapped run (the last group is padded)
+CHUNK = 32  # scan steps per compiled chunk
+CPU_FIELDS = ("log_cpu_iter", "log_cpu_per_seq", "log_cpu_per_token")
+
+
+# ----------------------------------------------------------------------------- loaders
+def have_data(root: Path = DATA) -> bool:
+    return (root / LIB_FILE).exists() and (root / SW_FILE).exists()
+
+
+def load_lib(root: Path = DATA) -> pd.DataFrame:
+    """LLM-Inference-Bench NVIDIA vLLM / TensorRT-LLM rows whose model is in the catalog."""
+    d = pd.read_csv(root / LIB_FILE)
+    d = d[d["Hardware"].isin(list(LIB_HARDWARE)) & d["Framework"].isin(LIB_FRAMEWORKS)
+          & d["Model"].isin(list(LIB_MODELS))].copy()
+    out = pd.DataFrame({
+        "source": "llm_inference_bench",
+        "framework": d["Framework"].str.replace("TensorRT-LLM", "trtllm").str.lower(),
+        "device": d["Hardware"].map(LIB_HARDWARE),
+        "hf_model": d["Model"],
+        "model": d["Model"].map(lambda m: LIB_MODELS[m][0]),
+        "max_model_len": d["Model"].map(lambda m: LIB_MODELS[m][1]),
+        "tp": d["Num of Hardware"].astype(int),
+        "batch": d["Batch Size"].astype(int),
+        "input": d["Input Output Length"].astype(int),
+        "output": d["Input Output Length"].astype(int),
+        "meas_latency_s": d["Latency"].astype(float),
+        "meas_throughput": d["Throughput"].astype(float),
+    })
+    out["config"] = out["device"] + "/" + out["framework"] + "/" + out["model"] + "/tp" + out["tp"].astype(str)
+    return out.reset_index(drop=True)
+
+
+def load_splitwise(root: Path = DATA) -> pd.DataFrame:
+    """Splitwise perf-model rows, repeated measurements averaged per configuration.
+
+    Generation sometimes ended early (EOS) for long outputs: the measured e2e is then far below
+    TTFT + TBT * (output - 1). `out_eff` is the number of tokens the run really generated,
+    (e2e - TTFT) / TBT + 1 capped at the requested count, and is what we simulate; `e2e_ok` marks
+    rows where that count is the requested one (only those are scored on e2e)."""
+    d = pd.read_csv(root / SW_FILE)
+    d = d[d["hardware"].isin(list(SW_HARDWARE)) & d["model"].isin(list(SW_MODELS))]
+    keys = ["model", "hardware", "tensor_parallel", "prompt_size", "batch_size", "token_size"]
+    g = d.groupby(keys).agg(prompt_time=("prompt_time", "mean"), token_time=("token_time", "mean"),
+                            e2e_time=("e2e_time", "mean"), repeats=("e2e_time", "size")).reset_index()
+    implied = (g["e2e_time"] - g["prompt_time"]) / g["token_time"] + 1.0
+    out_eff = np.minimum(g["token_size"], np.maximum(2, np.round(implied))).astype(int)
+    out = pd.DataFrame({
+        "source": "splitwise", "framework": "vllm",
+        "device": g["hardware"].map(SW_HARDWARE), "hf_model": g["model"], "model": g["model"].map(SW_MODELS),
+        "tp": g["tensor_parallel"].astype(int), "batch": g["batch_size"].astype(int),
+        "input": g["prompt_size"].astype(int), "output": g["token_size"].astype(int), "out_eff": out_eff,
+        "meas_ttft_ms": g["prompt_time"], "meas_tbt_ms": g["token_time"], "meas_e2e_ms": g["e2e_time"],
+        "e2e_ok": implied >= 0.9 * g["token_size"], "repeats": g["repeats"],
+    })
+    out["max_model_len"] = np.maximum(4096, out["input"] + out["output"])
+    out["config"] = out["device"] + "/splitwise/" + out["model"] + "/tp" + out["tp"].astype(str)
+    return out.reset_index(drop=True)
+
+
+#: a measured latency below this fraction of the bandwidth bound would need > 125% of peak HBM bandwidth
+PLAUSIBLE_FRACTION = 0.8
+
+
+def plausible(rows: pd.DataFrame) -> pd.Series:
+    """False for rows faster than physics allows: every decode step reads at least the active
+    weights once from memory, so latency >= (output - 1) * active weight bytes / (TP * HBM bandwidth).
+    (LLM-Inference-Bench's TensorRT-LLM Qwen2 rows on H100 are 10-100x below this bound.)"""
+    from mist.specs.catalog import get_hardware, get_model
+
+    ok = []
+    for _, r in rows.iterrows():
+        if r["source"] != "llm_inference_bench":
+            ok.append(True)
+            continue
+        m, d = get_model(r["model"]), get_hardware(r["device"])
+        wbytes = m.param_counts()["active"] * 2.0
+        t_min = (r["output"] - 1) * wbytes / (r["tp"] * d.mem_bandwidth)
+        ok.append(bool(r["meas_latency_s"] >= PLAUSIBLE_FRACTION * t_min))
+    return pd.Series(ok, index=rows.index)
+
+
+def split_of(row) -> str:
+    """Train/test by configuration (never by row): Splitwise TP 4 is held out; LLM-Inference-Bench
+    holds out the (device, framework, model, TP) configurations whose stable hash is 0 mod 3."""
+    if row["source"] == "splitwise":
+        return "test" if row["tp"] == 4 else "train"
+    return "test" if zlib.crc32(row["config"].encode()) % 3 == 0 else "train"
+
+
+def load_all(root: Path = DATA, quick: bool = False) -> pd.DataFrame:
+    rows = pd.concat([load_lib(root), load_splitwise(root)], ignore_index=True)
+    rows["split"] = rows.apply(split_of, axis=1)
+    rows["plausible"] = plausible(rows)
+    if quick:  # a handful of small configurations from every source and split
+        small = rows[(rows["batch"] <= 16) & (rows["output"] <= 256) & (rows["input"] <= 512)]
+        rows = small.groupby(["source", "framework", "split", "device"], group_keys=False).head(1).reset_index(drop=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- simulation
+def profile(row) -> str:
+    """Which serving stack's CPU terms a row is simulated with (fitted separately)."""
+    return "vllm-2023" if row["source"] == "splitwise" else str(row["framework"])
+
+
+def fit_key(row) -> str:
+    return f"{row['device']}|{profile(row)}"
+
+
+def sim_output(row) -> int:
+    return int(row["out_eff"]) if row["source"] == "splitwise" else int(row["output"])
+
+
+def deployment_of(row, memory_utilization: float = 0.9):
+    from mist.lowering.deployment import Deployment
+
+    mml = int(row["max_model_len"])
+    if row["framework"] == "trtllm":
+        mbt = 8192  # TensorRT-LLM's default max_num_tokens
+    else:
+        mbt = max(mml, 2048)  # vLLM v0 default without chunked prefill
+    return Deployment.single(row["model"], row["device"], tp=int(row["tp"]), policy="continuous",
+                             max_num_seqs=SLOTS, max_num_batched_tokens=mbt, max_model_len=mml,
+                             memory_utilization=memory_utilization)
+
+
+#: memory utilisations tried in turn: vLLM's default 0.9, then what a 70B model on 4x A100-40GB needs
+#: (the benchmark ran it, so its framework fitted the weights in more than 90% of the memory)
+MEM_UTILS = (0.9, 0.97)
+
+
+def lower_row(row):
+    """Lowered engine arrays for a row; None when the model does not fit the devices at all."""
+    from mist.cost.memory import DoesNotFit
+    from mist.lowering.deployment import lower
+
+    B = int(row["batch"])
+    wl = {"arrival": np.zeros(B), "input_tokens": np.full(B, int(row["input"])),
+          "output_tokens": np.full(B, sim_output(row))}
+    for mu in MEM_UTILS:
+        try:
+            lo = lower(deployment_of(row, mu), wl, slots=SLOTS, window=SLOTS, queue=SLOTS, stretch=STRETCH,
+                       num_requests=SLOTS)
+            lo.notes["memory_utilization"] = mu
+            return lo
+        except DoesNotFit:
+            continue
+    return None
+
+
+def with_cpu(clients, theta):
+    """ClientTable whose CPU terms are replaced by theta[..., 0:3] (broadcast over clients)."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    p = clients.params
+    shape = p.log_cpu_iter.shape
+    # float64 leaves always (the engine costs in float64): one dtype, so one compiled program
+    vals = tuple(jnp.broadcast_to(jnp.asarray(theta[..., i], jnp.float64)[..., None], shape) for i in range(3))
+    p2 = eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token), p, vals)
+    return eqx.tree_at(lambda c: c.params, clients, p2)
+
+
+def extract(st, wl) -> dict:
+    """Batch metrics from engine states (leading config axis)."""
+    fin = np.asarray(st.o_finish)
+    ft = np.asarray(st.o_first_token)
+    valid = np.asarray(wl.valid)
+    rej = (np.asarray(st.o_reject) > 0) & valid
+    dur = np.where(valid, fin, -np.inf).max(-1)
+    ttft_max = np.where(valid, ft, -np.inf).max(-1)
+    ttft_mean = np.where(valid, ft, 0).sum(-1) / valid.sum(-1)
+    return {"pred_latency_s": dur, "pred_ttft_max_s": ttft_max, "pred_ttft_mean_s": ttft_mean,
+            "rejected": rej.sum(-1), "preemptions": (np.asarray(st.o_preemptions) * valid).sum(-1),
+            "steps": np.asarray(st.steps)}
+
+
+def _pad_group(items):
+    from mist.lowering.deployment import stack_lowered
+
+    n = len(items)
+    return stack_lowered(items + [items[-1]] * (GROUP - n)), n
+
+
+def run_group(lo, max_steps: int = 4096):
+    """Run a stacked group to completion with the jitted, vmapped engine chunk (cached program)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mist.engine.run import run_chunk_batched
+    from mist.engine.state import init_state
+
+    n_valid = jnp.sum(lo.workload.valid, axis=-1).astype(jnp.int32)
+    keys = jax.random.split(jax.random.PRNGKey(0), n_valid.shape[0])
+    st = jax.vmap(lambda k: init_state(lo.dims, k))(keys)
+    while True:
+        st = run_chunk_batched(lo.dims, CHUNK, lo.clients, lo.topology, lo.workload, n_valid, st)
+        done = np.asarray(st.completed) >= np.asarray(n_valid)
+        if done.all() or int(np.max(st.steps)) >= max_steps:
+            return st
+
+
+def simulate_rows(rows: pd.DataFrame, theta_by_device: dict | None = None, log=print) -> pd.DataFrame:
+    """Run every distinct configuration of `rows` once; returns per-row predictions."""
+    import jax
+    import jax.numpy as jnp
+
+    key_cols = ["source", "framework", "device", "model", "tp", "batch", "input", "output", "max_model_len"]
+    rows = rows.copy()
+    rows["sim_out"] = rows.apply(sim_output, axis=1)
+    uniq = rows.drop_duplicates(key_cols + ["sim_out"]).reset_index(drop=True)
+    lowered = []
+    t0 = time.perf_counter()
+    mem, fits = [], []
+    for _, r in uniq.iterrows():
+        lo = lower_row(r)
+        fits.append(lo is not None)
+        if lo is None:
+            mem.append(np.nan)
+            continue
+        mem.append(lo.notes["memory_utilization"])
+        th = (theta_by_device or {}).get(fit_key(r))
+        th = current_theta(r["device"]) if th is None else th
+        lowered.append(replace(lo, clients=with_cpu(lo.clients, jnp.asarray(th))))
+    log(f"  lowered {len(lowered)} configurations in {time.perf_counter() - t0:.1f} s")
+    res = []
+    for g0 in range(0, len(lowered), GROUP):
+        lo, n = _pad_group(lowered[g0:g0 + GROUP])
+        t0 = time.perf_counter()
+        st = jax.device_get(run_group(lo))
+        m = extract(st, lo.workload)
+        res.append(pd.DataFrame({k: v[:n] for k, v in m.items()}))
+        log(f"  group {g0 // GROUP + 1}/{-(-len(lowered) // GROUP)}: {n} configs, {int(np.max(m['steps']))} "
+            f"steps, {time.perf_counter() - t0:.1f} s")
+    uniq["memory_utilization"] = mem
+    fit_u = uniq[np.array(fits)].reset_index(drop=True)
+    pred = pd.concat([fit_u[key_cols + ["sim_out", "memory_utilization"]], pd.concat(res, ignore_index=True)], axis=1)
+    out = rows.merge(pred, on=key_cols + ["sim_out"], how="left")
+    out["fits"] = out["pred_latency_s"].notna()
+    out["rejected"] = out["rejected"].fillna(0)
+    return out
+
+
+def add_errors(df: pd.DataFrame, tag: str) -> pd.DataFrame:
+    """Predicted quantities comparable with the measured ones, and absolute percentage errors."""
+    df = df.copy()
+    lat = df["pred_latency_s"]
+    ttft = df["pred_ttft_max_s"]
+    n = np.maximum(df["sim_out"] - 1, 1)
+    df[f"pred_latency_s_{tag}"] = lat
+    df[f"pred_throughput_{tag}"] = df["batch"] * (df["input"] + df["output"]) / lat
+    df[f"pred_ttft_ms_{tag}"] = ttft * 1e3
+    df[f"pred_tbt_ms_{tag}"] = (lat - ttft) / n * 1e3  # pure decode phase: all prefills came first
+    df[f"pred_e2e_ms_{tag}"] = lat * 1e3
+    ape = lambda p, m: 100.0 * np.abs(p - m) / m  # noqa: E731
+    lib = df["source"] == "llm_inference_bench"
+    df[f"ape_latency_{tag}"] = np.where(lib, ape(lat, df["meas_latency_s"]), np.nan)
+    df[f"ape_throughput_{tag}"] = np.where(lib, ape(df[f"pred_throughput_{tag}"], df["meas_throughput"]), np.nan)
+    sw = df["source"] == "splitwise"
+    df[f"ape_ttft_{tag}"] = np.where(sw, ape(df[f"pred_ttft_ms_{tag}"], df["meas_ttft_ms"]), np.nan)
+    df[f"ape_tbt_{tag}"] = np.where(sw, ape(df[f"pred_tbt_ms_{tag}"], df["meas_tbt_ms"]), np.nan)
+    df[f"ape_e2e_{tag}"] = np.where(sw & df["e2e_ok"].fillna(False).astype(bool),
+                                    ape(df[f"pred_e2e_ms_{tag}"], df["meas_e2e_ms"]), np.nan)
+    bad = (df["rejected"] > 0) | ~df["plausible"].astype(bool)
+    for c in [c for c in df.columns if c.startswith("ape_") and c.endswith(tag)]:
+        df.loc[bad, c] = np.nan
+    df[f"rejected_{tag}"] = df["rejected"]
+    return df.drop(columns=["pred_latency_s", "pred_ttft_max_s", "pred_ttft_mean_s", "rejected"])
+
+
+# ----------------------------------------------------------------------------- gradient fitting
+def make_loss(dims, n_steps: int, inner: int = 8):
+    """loss(theta[D, 3], batch) for a vmapped group of configurations: mean squared log error of
+    simulated vs measured latency (LLM-Inference-Bench), or TTFT / TBT / e2e (Splitwise), through
+    `n_steps` scan steps of the engine (checkpointed every `inner` steps to bound memory)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mist.engine.run import run_chunk
+    from mist.engine.state import init_state
+
+    n_outer = -(-n_steps // inner)
+
+    def one(clients, topo, wl, n_valid):
+        st = init_state(dims, jax.random.PRNGKey(0))
+        f = jax.checkpoint(lambda s: run_chunk.__wrapped__(dims, inner, clients, topo, wl, n_valid, s))
+        st, _ = jax.lax.scan(lambda s, _: (f(s), None), st, None, length=n_outer)
+        fin = jnp.where(wl.valid, st.o_finish, -jnp.inf).max()
+        ft = jnp.where(wl.valid, st.o_first_token, -jnp.inf).max()
+        return fin, ft, st.completed
+
+    def loss(theta, batch):
+        clients = with_cpu(batch["clients"], theta[batch["dev"]])
+        n_valid = jnp.sum(batch["wl"].valid, axis=-1).astype(jnp.int32)
+        fin, ft, done = jax.vmap(one)(clients, batch["topo"], batch["wl"], n_valid)
+        tbt = (fin - ft) / jnp.maximum(batch["n_dec"], 1.0)
+        w = batch["w"]
+        e = (w[:, 0] * (jnp.log(fin) - jnp.log(batch["y"][:, 0])) ** 2
+             + w[:, 1] * (jnp.log(ft) - jnp.log(batch["y"][:, 1])) ** 2
+             + w[:, 2] * (jnp.log(tbt) - jnp.log(batch["y"][:, 2])) ** 2)
+        return jnp.sum(e) / jnp.maximum(jnp.sum(w), 1.0), (fin, done)
+
+    return loss
+
+
+def fit_batches(rows: pd.DataFrame, devices: list[str]):
+    """Lowered train configurations with targets: y = (latency s, TTFT s, TBT s), weights w."""
+    items, meta = [], []
+    for _, r in rows.iterrows():
+        lo = lower_row(r)
+        if r["source"] == "splitwise":
+            y = (r["meas_e2e_ms"] / 1e3, r["meas_ttft_ms"] / 1e3, r["meas_tbt_ms"] / 1e3)
+            w = (1.0 if bool(r["e2e_ok"]) else 0.0, 1.0, 1.0)
+        else:
+            y = (r["meas_latency_s"], 1.0, 1.0)
+            w = (1.0, 0.0, 0.0)
+        items.append(lo)
+        meta.append((devices.index(fit_key(r)), y, w, max(sim_output(r) - 1, 1)))
+    return items, meta
+
+
+def fit_cpu(train: pd.DataFrame, theta0: dict, steps: int, lr: float, n_steps: int, log=print,
+            batch_size: int = 16, seed: int = 0):
+    """Adam on theta[device] = (log_cpu_iter, log_cpu_per_seq, log_cpu_per_token) through the scan."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mist.lowering.deployment import stack_lowered
+
+    devices = sorted(theta0)
+    items, meta = fit_batches(train, devices)
+    dims = items[0].dims
+    loss = make_loss(dims, n_steps)
+    vg = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    theta = jnp.asarray(np.array([theta0[d] for d in devices]), jnp.float64)
+    opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))
+    state = opt.init(theta)
+    rng = np.random.default_rng(seed)
+    hist = []
+    t0 = time.perf_counter()
+    for it in range(steps):
+        idx = rng.choice(len(items), size=batch_size, replace=len(items) < batch_size)
+        lo = stack_lowered([items[i] for i in idx])
+        batch = {"clients": lo.clients, "topo": lo.topology, "wl": lo.workload,
+                 "dev": jnp.asarray([meta[i][0] for i in idx]),
+                 "y": jnp.asarray([meta[i][1] for i in idx], jnp.float64),
+                 "w": jnp.asarray([meta[i][2] for i in idx], jnp.float64),
+                 "n_dec": jnp.asarray([meta[i][3] for i in idx], jnp.float64)}
+        (val, (fin, done)), g = vg(theta, batch)
+        if not bool(jnp.all(done >= jnp.sum(lo.workload.valid, -1))):
+            log(f"  warning: step {it}: a configuration did not finish within {n_steps} scan steps")
+        upd, state = opt.update(g, state, theta)
+        theta = optax.apply_updates(theta, upd)
+        hist.append(float(val))
+        if it % 10 == 0 or it == steps - 1:
+            log(f"  fit step {it:3d}: loss {float(val):.4f} ({time.perf_counter() - t0:.0f} s)  "
+                + "  ".join(f"{d}: iter {np.exp(float(theta[i, 0])) * 1e3:.2f} ms, "
+                            f"seq {np.exp(float(theta[i, 1])) * 1e6:.1f} us, "
+                            f"tok {np.exp(float(theta[i, 2])) * 1e6:.3f} us" for i, d in enumerate(devices)))
+    return {d: np.asarray(theta[i]) for i, d in enumerate(devices)}, hist
+
+
+def current_theta(device: str) -> np.ndarray:
+    return _current_theta(device).copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _current_theta(device: str) -> np.ndarray:
+    from mist.cost.params import load_params
+    from mist.specs.catalog import get_hardware
+
+    p, _ = load_params(device, get_hardware(device).kind)
+    return np.array([float(p.log_cpu_iter), float(p.log_cpu_per_seq), float(p.log_cpu_per_token)])
+
+
+def _cpu_dict(theta: np.ndarray, origin: str) -> dict:
+    return {"iter_us": float(np.exp(theta[0]) * 1e6), "per_seq_us": float(np.exp(theta[1]) * 1e6),
+            "per_token_us": float(np.exp(theta[2]) * 1e6), "origin": origin}
+
+
+def write_cpu_block(device: str, fits: dict[str, tuple[np.ndarray, str]]) -> Path:
+    """Merge fitted CPU terms into calibration/params/<device>.json, changing only its "cpu" block.
+
+    `fits` maps a serving profile to (theta, origin). The modern-vLLM fit ("vllm") becomes the
+    device's default CPU terms; other profiles (TensorRT-LLM, Splitwise's 2023 vLLM) are kept under
+    cpu.variants for users who simulate those stacks (the loader reads only the default keys)."""
+    p = ROOT / "calibration" / "params" / f"{device}.json"
+    d = json.loads(p.read_text())
+    cpu = dict(d["params"]["cpu"])
+    if "vllm" in fits:
+        th, origin = fits["vllm"]
+        cpu.update(_cpu_dict(th, origin))
+    elif "origin" not in cpu:
+        cpu["origin"] = "default (not fitted end to end: no modern-vLLM measurements for this device)"
+    variants = dict(cpu.get("variants", {}))
+    for prof, (th, origin) in fits.items():
+        if prof != "vllm":
+            variants[prof] = _cpu_dict(th, origin)
+    if variants:
+        cpu["variants"] = variants
+    d["params"]["cpu"] = cpu
+    p.write_text(json.dumps(d, indent=2) + "\n")
+    return p
+
+
+# ----------------------------------------------------------------------------- report
+METRICS = [("llm_inference_bench", "latency"), ("llm_inference_bench", "throughput"),
+           ("splitwise", "ttft"), ("splitwise", "tbt"), ("splitwise", "e2e")]
+
+
+def summary_table(df: pd.DataFrame, tags: list[str]) -> pd.DataFrame:
+    out = []
+    for (src, fw, model, dev), g in df.groupby(["source", "framework", "model", "device"]):
+        for s, metric in METRICS:
+            if s != src:
+                continue
+            for split in ("train", "test", "all"):
+                h = g if split == "all" else g[g["split"] == split]
+                rec = {"source": src, "framework": fw, "model": model, "device": dev, "metric": metric,
+                       "split": split}
+                for t in tags:
+                    v = h[f"ape_{metric}_{t}"].dropna()
+                    rec["n"] = len(v)
+                    rec[f"mape_{t}"] = float(v.mean()) if len(v) else np.nan
+                if rec["n"]:
+                    out.append(rec)
+    return pd.DataFrame(out)
+
+
+def overall(df: pd.DataFrame, tag: str, split: str | None = None) -> dict:
+    h = df if split is None else df[df["split"] == split]
+    lib = h[h["source"] == "llm_inference_bench"]
+    sw = h[h["source"] == "splitwise"]
+    r = {}
+    for fw in ("vllm", "trtllm"):
+        v = lib[lib["framework"] == fw][f"ape_latency_{tag}"].dropna()
+        r[f"lib_{fw}_latency"] = (float(v.mean()), len(v))
+    for m in ("ttft", "tbt", "e2e"):
+        v = sw[f"ape_{m}_{tag}"].dropna()
+        r[f"splitwise_{m}"] = (float(v.mean()), len(v))
+    return r
+
+
+def _fmt(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.1f}"
+
+
+def worst_rows(df: pd.DataFrame, tag: str, k: int = 12) -> pd.DataFrame:
+    parts = []
+    for m in ("latency", "ttft", "tbt"):
+        c = f"ape_{m}_{tag}"
+        h = df[df[c].notna()].copy()
+        h["metric"] = m
+        h["ape"] = h[c]
+        parts.append(h)
+    allr = pd.concat(parts, ignore_index=True)
+    return allr.sort_values("ape", ascending=False).head(k)
+
+
+def explain(r) -> str:
+    """Why a row is badly predicted (rules checked against the row's own numbers)."""
+    why = []
+    if r.get("preemptions", 0) > 0 and r["source"] == "splitwise":
+        return (f"simulated KV cache (vLLM's 0.9 memory utilisation: ~6K tokens per TP2 replica after 138 GB of "
+                f"weights) overflows: {int(r['preemptions'])} preemptions and recomputation; the measured run "
+                "shows no memory pressure before batch 64 (its memory settings are unknown)")
+    if r["model"].startswith("mixtral"):
+        return ("MoE: simulated expert GEMMs at batch 16-64 are ~2x slower than the framework's fused MoE "
+                "kernels (operator-level MoE calibration is the weakest kind; no MoE rows for A100-40GB)")
+    if r["source"] == "llm_inference_bench":
+        meas, pred = r["meas_latency_s"], r["pred_latency_s_now"]
+        if r["framework"] == "trtllm":
+            why.append("TensorRT-LLM: fused kernels and C++ runtime, lower per-step overhead than the vLLM-like "
+                       "CPU terms")
+        if r["preemptions"] > 0:
+            why.append(f"KV cache overflows ({int(r['preemptions'])} simulated preemptions): recompute order and "
+                       "swap policy decide the latency")
+        if r["batch"] == 1 and pred < meas:
+            why.append("batch 1: latency is per-token overhead (Python/CUDA-graph launch, sampling) that the "
+                       "measured GPU kernels do not contain")
+        if r["tp"] > 1 and r["model"] in ("llama-2-7b", "llama-3.1-8b", "mistral-7b-v0.1", "qwen2.5-7b-instruct"):
+            why.append(f"small model at TP{r['tp']}: all-reduce latency and per-GPU launch overhead dominate")
+        if not why:
+            why.append("over-predicted" if pred > meas else "under-predicted")
+    else:
+        if r["metric"] == "ttft" and r["batch"] >= 32:
+            why.append("large prefill batch: the measured prompt time of batch 64 at TP2 is inconsistent with "
+                       "batch 32 (memory-limited run)" if r["batch"] == 64 and r["tp"] == 2 else
+                       "large prefill batch: prefill GEMM/attention efficiency at these token counts")
+        if r["metric"] == "ttft" and r["input"] <= 256:
+            why.append("short prompt: TTFT is dominated by fixed per-iteration costs")
+        if r["metric"] == "tbt" and r["tp"] >= 4:
+            why.append("TP>=4: measured TBT stops improving with TP (host overhead / all-reduce latency)")
+        if not why:
+            why.append("2023 vLLM (Splitwise) has different per-iteration overheads from the kernels we fitted")
+    return "; ".join(why)
+
+
+NOTES = """### Reading these numbers
+
+* **Targets.** vLLM batch latency reaches 15.1% MAPE on held-out configurations after fitting (12.2% on all
+  rows; 22.2% before): the 15% target is missed by a hair on the test split. Splitwise TTFT and TBT stay
+  above the 10% target on the held-out TP 4 rows (15.5% and 12.9% after fitting, from 25.8% and 36.8%).
+* **What the CPU terms absorb.** Modern vLLM (LLM-Inference-Bench) needs ~1.3-2.1 ms per iteration and
+  ~60-110 us per sequence on top of the GPU kernels, which fixes most of the under-prediction at batch
+  16-64 and TP >= 2. Splitwise's 2023 vLLM needs 15-19 ms per iteration: its measured TBT barely improves
+  from TP 4 to TP 8 (a TP-dependent host/all-reduce cost that three TP-independent CPU terms can only
+  average), and the fitted per-token term (~25-35 us per batched token) compensates prefill kernels that
+  the cost model finds too fast at TP 4-8. Those Splitwise-era terms are stored only under `cpu.variants`.
+  TensorRT-LLM needs little CPU time (0.04-1 ms per iteration).
+* **Largest errors.** (1) Splitwise TP 2 with batch >= 16: the simulated replica (vLLM's default 0.9 memory
+  utilisation, 138 GB of Llama-2-70B weights on 2x80 GB) keeps only ~6K tokens of KV cache, so the engine
+  preempts and recomputes; the measured runs show no memory pressure before batch 64, and batch 64 itself
+  is inconsistent (prompt time lower than batch 32). These rows dominate the all-rows Splitwise TTFT MAPE.
+  (2) Mixtral-8x7B: the MoE cost is ~2x slow at batch 16-64. (3) A100-40GB Llama-2-7B with TensorRT-LLM.
+  (4) LLM-Inference-Bench rows faster than the HBM-bandwidth bound are excluded as mislabelled.
+* **Caveat for whoever refits the operator parameters.** `mist calibrate` rewrites the whole params file;
+  re-run `experiments/validate_e2e.py` afterwards (the CPU block is re-fitted on top of the new kernels).
+"""
+
+
+def write_report_md(df: pd.DataFrame, summ: pd.DataFrame, fitted: dict | None, before: dict,
+                    fit_info: dict, path: Path, quick: bool) -> None:
+    tags = ["before", "after"] if fitted else ["before"]
+    L = ["## End-to-end validation", "",
+         "Generated by `experiments/validate_e2e.py`" + (" --quick (a handful of rows: not the real result)" if quick
+                                                          else "") + f" on {_dt.date.today().isoformat()}. "
+         "Every measured configuration is simulated by the engine (one replica, TP = the GPU count, vLLM-v0-like "
+         "continuous batching, `max_num_batched_tokens` = max(max_model_len, 2048) for vLLM and 8192 for "
+         "TensorRT-LLM) on B identical requests arriving together, as the benchmarks ran them. Batch latency = "
+         "when the last request finishes; Splitwise TTFT = when the last prompt of the batch has produced its "
+         "first token (the measured prompt time grows linearly with the batch); TBT = decode-phase time / "
+         "(output - 1). Rows: `experiments/results/validate_e2e.csv`.", "",
+         "Data: LLM-Inference-Bench NVIDIA rows (vLLM, TensorRT-LLM; A100 = A100-SXM-40GB of Polaris, H100-SXM, "
+         "GH200), models in our catalog (Llama-3-8B/70B and Qwen2-7B/72B simulated with the Llama-3.1 / Qwen2.5 "
+         "configs of the same shapes; DeciLM, Aquila, GPT-J, OPT, BLOOM-7B, Llama-1 rows skipped). Splitwise "
+         "perf model, Llama2-70B on DGX-A100/DGX-H100 (repeats averaged; power-capped H100 rows skipped; "
+         "BLOOM-176B rows skipped: its config.json lacks the fields our catalog requires and we did not add a "
+         "synthetic one). Splitwise runs that stopped generating early (EOS; measured e2e far below TTFT + TBT x "
+         "output) are simulated with the number of tokens they really generated and are not scored on e2e.", ""]
+    L += ["### Targets (test configurations, after fitting)" if fitted else "### Targets (all rows)", ""]
+    tag = "after" if fitted else "before"
+    ov = overall(df, tag, "test" if fitted else None)
+    ova = overall(df, tag, None)
+    ob = overall(df, "before", None)
+    L += ["| quantity | target | MAPE % (test, fitted) | MAPE % (all rows, fitted) | MAPE % (all rows, before) "
+          "| met? |", "|---|---|---|---|---|---|"]
+    for k, tgt in (("lib_vllm_latency", 15.0), ("lib_trtllm_latency", None), ("splitwise_ttft", 10.0),
+                   ("splitwise_tbt", 10.0), ("splitwise_e2e", None)):
+        v, n = ov[k]
+        met = "-" if tgt is None else ("yes" if np.isfinite(v) and v <= tgt else "**no**")
+        L.append(f"| {k} | {'-' if tgt is None else f'<= {tgt:.0f}%'} | {_fmt(v)} (n={n}) | {_fmt(ova[k][0])} "
+                 f"(n={ova[k][1]}) | {_fmt(ob[k][0])} | {met} |")
+    L.append("")
+    if fitted:
+        L += ["### Gradient-based fitting of the CPU overhead terms", "",
+              f"Fitted through the engine's scan ({fit_info.get('method', '')}). Train rows: "
+              f"{fit_info.get('train_rows')}, test rows: {fit_info.get('test_rows')} (split by configuration: "
+              "LLM-Inference-Bench (device, framework, model, TP) by stable hash, Splitwise TP 4 held out). "
+              "One set of CPU terms per device and serving stack (modern vLLM and TensorRT-LLM from "
+              "LLM-Inference-Bench, Splitwise's 2023 vLLM); rows that preempt in the simulation are left out of "
+              "the fit. Stored: the modern-vLLM terms become the device's default `cpu` block in "
+              "calibration/params/<device>.json; the other stacks' terms go under `cpu.variants` (A100-SXM-80GB "
+              "has only Splitwise data, so its default stays unfitted).", "",
+              "| device / stack | fitted on | cpu_iter us (before -> after) | per_seq us | per_token us |",
+              "|---|---|---|---|---|"]
+        for d, th in fitted.items():
+            b = before[d]
+            L.append(f"| {d} | {fit_info['fitted_on'][d]} | {np.exp(b[0]) * 1e6:.0f} -> {np.exp(th[0]) * 1e6:.0f} | "
+                     f"{np.exp(b[1]) * 1e6:.1f} -> {np.exp(th[1]) * 1e6:.1f} | "
+                     f"{np.exp(b[2]) * 1e6:.4f} -> {np.exp(th[2]) * 1e6:.4f} |")
+        L += ["", "Test configurations only (never seen by the fit), MAPE % before -> after:", "",
+              "| quantity | before | after | n |", "|---|---|---|---|"]
+        tb, ta = overall(df, "before", "test"), overall(df, "after", "test")
+        for k in tb:
+            L.append(f"| {k} | {_fmt(tb[k][0])} | {_fmt(ta[k][0])} | {ta[k][1]} |")
+        L.append("")
+    L += ["### MAPE per source, model and GPU (all rows)", "",
+          "| source | framework | model | device | metric | n | " + " | ".join(f"MAPE % {t}" for t in tags) + " |",
+          "|---|---|---|---|---|---|" + "---|" * len(tags)]
+    for _, r in summ[summ["split"] == "all"].iterrows():
+        L.append(f"| {r['source']} | {r['framework']} | {r['model']} | {r['device']} | {r['metric']} | {r['n']} | "
+                 + " | ".join(_fmt(r[f'mape_{t}']) for t in tags) + " |")
+    L += ["", "### Worst rows" + (" (after fitting)" if fitted else ""), "",
+          "| source | fw | model | device | TP | B | in | out | metric | measured | predicted | APE % | why |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    w = df.copy()
+    w["pred_latency_s_now"] = w[f"pred_latency_s_{tag}"]
+    w["preemptions"] = w["preemptions_" + tag] if f"preemptions_{tag}" in w else w.get("preemptions", 0)
+    for _, r in worst_rows(w, tag).iterrows():
+        m = r["metric"]
+        meas = {"latency": r["meas_latency_s"], "ttft": r["meas_ttft_ms"], "tbt": r["meas_tbt_ms"]}[m]
+        pred = {"latency": r[f"pred_latency_s_{tag}"], "ttft": r[f"pred_ttft_ms_{tag}"],
+                "tbt": r[f"pred_tbt_ms_{tag}"]}[m]
+        unit = "s" if m == "latency" else "ms"
+        L.append(f"| {r['source']} | {r['framework']} | {r['model']} | {r['device']} | {r['tp']} | {r['batch']} | "
+                 f"{r['input']} | {r['output']} | {m} | {meas:.3g} {unit} | {pred:.3g} {unit} | {r['ape']:.0f} | "
+                 f"{explain(r)} |")
+    imp = df[~df["plausible"].astype(bool)]
+    if len(imp):
+        L += ["", f"{len(imp)} LLM-Inference-Bench rows are not scored because they are faster than physics allows "
+              "(latency below half of (output - 1) x active weight bytes / (TP x HBM bandwidth): every decode "
+              "step must read the weights once): " + ", ".join(sorted(set(imp['config']))) + ". They are "
+              "probably mislabelled (e.g. a different output length) in the source CSV."]
+    nf = df[~df["fits"].astype(bool)]
+    if len(nf):
+        L += ["", f"{len(nf)} rows do not fit the simulated devices' memory: " + ", ".join(sorted(set(nf['config'])))]
+    rej = df[df[f"rejected_{tag}"] > 0]
+    if len(rej):
+        L += ["", f"{len(rej)} rows were not scored because the simulated replica rejected requests (KV capacity "
+              "or context): " + ", ".join(sorted(set(rej['config'])))]
+    L += ["", NOTES]
+    path.write_text("\n".join(L) + "\n")
+
+
+def report_only(args) -> int:
+    """Re-score (plausibility) and rewrite the summary and report from a previous run's files."""
+    import mist  # noqa: F401
+
+    df = pd.read_csv(args.out / "validate_e2e.csv")
+    js = json.loads((args.out / "validate_e2e.json").read_text())
+    df["plausible"] = plausible(df)
+    tags = ["before", "after"] if "fitted" in js else ["before"]
+    for t in tags:
+        for c in [c for c in df.columns if c.startswith("ape_") and c.endswith(t)]:
+            df.loc[~df["plausible"], c] = np.nan
+    fitted = before = None
+    if "fitted" in js:
+        th = lambda d: np.log(np.array([d["cpu_iter_us"], d["cpu_per_seq_us"], d["cpu_per_token_us"]]) * 1e-6)  # noqa: E731
+        fitted = {k: th(v) for k, v in js["fitted"].items()}
+        before = {k: th(v) for k, v in js["before"].items()}
+    summ = summary_table(df, tags)
+    df.to_csv(args.out / "validate_e2e.csv", index=False)
+    summ.to_csv(args.out / "validate_e2e.summary.csv", index=False)
+    for t in tags:
+        js[f"overall_{t}_all"] = overall(df, t)
+        js[f"overall_{t}_test"] = overall(df, t, "test")
+    (args.out / "validate_e2e.json").write_text(json.dumps(js, indent=2, default=float) + "\n")
+    md = args.e2e_md or ROOT / "calibration" / "E2E.md"
+    write_report_md(df, summ, fitted, before or {}, js.get("fit_info", {}), md, js.get("quick", False))
+    for k, v in js.items():
+        if k.startswith("overall"):
+            print(k, {a: f"{b[0]:.1f}% (n={b[1]})" for a, b in v.items()})
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a handful of rows, short fit (smoke test)")
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--no-fit", action="store_true")
+    ap.add_argument("--no-write-params", action="store_true")
+    ap.add_argument("--fit-steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=0.15)
+    ap.add_argument("--e2e-md", type=Path, default=None)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the report from DIR/validate_e2e.csv and .json without simulating")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        return report_only(args)
+    if not have_data(args.data):
+        print(f"measured data not found under {args.data} (set MIST_SHARED_DATA); nothing to validate")
+        return 0
+    import mist  # noqa: F401  (float64)
+
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    rows = load_all(args.data, quick=args.quick)
+    log(f"{len(rows)} measured rows ({rows['source'].value_counts().to_dict()}), "
+        f"{rows['config'].nunique()} configurations, split {rows['split'].value_counts().to_dict()}")
+    log("simulating with the current parameter files (before fitting)")
+    df = add_errors(simulate_rows(rows, log=log), "before")
+    df = df.rename(columns={"preemptions": "preemptions_before", "steps": "steps_before"})
+
+    fitted, before, fit_info = None, {}, {}
+    if not args.no_fit:
+        train = df[(df["split"] == "train") & (df["rejected_before"] == 0) & df["fits"]
+                   & df["plausible"] & (df["preemptions_before"] == 0)].copy()
+        train["key"] = train.apply(fit_key, axis=1)
+        devs = sorted(train["key"].unique())
+        before = {k: current_theta(k.split("|")[0]) for k in devs}
+        steps = args.fit_steps or (4 if args.quick else 150)
+        n_steps = int(train["steps_before"].max()) + 8
+        log(f"fitting CPU terms of {devs} on {len(train)} train rows, {steps} Adam steps, scan length {n_steps}")
+        fit_rows = train.drop_duplicates(["source", "device", "model", "tp", "batch", "input", "output", "sim_out"])
+        fitted, hist = fit_cpu(fit_rows, before, steps=steps, lr=args.lr, n_steps=n_steps, log=log,
+                               batch_size=8 if args.quick else 64)
+        fit_info = {"method": f"optax Adam lr={args.lr}, {steps} steps, minibatches of configurations, loss = "
+                              "mean squared log error of latency (and Splitwise TTFT/TBT/e2e), gradient by "
+                              "jax.grad through the checkpointed lax.scan",
+                    "train_rows": int(len(train)), "test_rows": int((df["split"] == "test").sum()),
+                    "loss_first": hist[0], "loss_last": hist[-1],
+                    "fitted_on": {k: f"{(train['key'] == k).sum()} train rows ("
+                                     + ", ".join(sorted(set(train[train['key'] == k]['config']))) + ")"
+                                  for k in devs}}
+        log("simulating with the fitted CPU terms (after)")
+        after = add_errors(simulate_rows(rows, theta_by_device=fitted, log=log), "after")
+        keep = [c for c in after.columns if c.endswith("_after")] + ["preemptions", "steps"]
+        after = after[keep].rename(columns={"preemptions": "preemptions_after", "steps": "steps_after"})
+        df = pd.concat([df.reset_index(drop=True), after.reset_index(drop=True)], axis=1)
+        if not args.quick and not args.no_write_params:
+            per_dev: dict[str, dict] = {}
+            for k, th in fitted.items():
+                dev, prof = k.split("|")
+                src = "Splitwise perf model (2023 vLLM)" if prof == "vllm-2023" else f"LLM-Inference-Bench {prof}"
+                origin = (f"e2e-fitted on {src}: {fit_info['fitted_on'][k]} through the engine scan "
+                          f"(experiments/validate_e2e.py, {_dt.date.today().isoformat()})")
+                per_dev.setdefault(dev, {})[prof] = (th, origin)
+            for dev, fits in per_dev.items():
+                log(f"  wrote {write_cpu_block(dev, fits)}")
+    tags = ["before", "after"] if fitted else ["before"]
+    summ = summary_table(df, tags)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out / "validate_e2e.csv", index=False)
+    summ.to_csv(args.out / "validate_e2e.summary.csv", index=False)
+    js = {"quick": args.quick, "rows": len(df),
+          "overall_before_all": overall(df, "before"),
+          "overall_before_test": overall(df, "before", "test")}
+    if fitted:
+        js.update(overall_after_all=overall(df, "after"), overall_after_test=overall(df, "after", "test"),
+                  fitted={d: {"cpu_iter_us": float(np.exp(t[0]) * 1e6), "cpu_per_seq_us": float(np.exp(t[1]) * 1e6),
+                              "cpu_per_token_us": float(np.exp(t[2]) * 1e6)} for d, t in fitted.items()},
+                  before={d: {"cpu_iter_us": float(np.exp(t[0]) * 1e6), "cpu_per_seq_us": float(np.exp(t[1]) * 1e6),
+                              "cpu_per_token_us": float(np.exp(t[2]) * 1e6)} for d, t in before.items()},
+                  fit_info=fit_info)
+    (args.out / "validate_e2e.json").write_text(json.dumps(js, indent=2, default=float) + "\n")
+    md = args.e2e_md or (args.out / "E2E.md" if args.quick else ROOT / "calibration" / "E2E.md")
+    write_report_md(df, summ, fitted, before, fit_info, md, args.quick)
+    log(f"wrote {args.out / 'validate_e2e.csv'} and {md}")
+    for k, v in js.items():
+        if k.startswith("overall"):
+            log(k, {a: f"{b[0]:.1f}% (n={b[1]})" for a, b in v.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

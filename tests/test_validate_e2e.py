@@ -1,0 +1,97 @@
+"""experiments/validate_e2e.py: the measured-data loaders parse the real files (skipped when
+../shared/data is absent), and the end-to-end gradient w.r.t. log_cpu_iter through the engine's
+scan is finite and matches a finite difference of the simulated batch latency."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("validate_e2e", ROOT / "experiments" / "validate_e2e.py")
+ve = importlib.util.module_from_spec(_spec)
+sys.modules["validate_e2e"] = ve
+_spec.loader.exec_module(ve)
+
+needs_data = pytest.mark.skipif(not ve.have_data(), reason=f"measured data absent under {ve.DATA}")
+
+
+@needs_data
+def test_lib_loader_parses_real_file():
+    d = ve.load_lib()
+    assert len(d) > 500
+    assert set(d["framework"]) == {"vllm", "trtllm"}
+    assert set(d["device"]) <= {"A100-SXM-40GB", "H100-SXM", "GH200"}
+    assert set(d["batch"]) <= {1, 16, 32, 64} and set(d["tp"]) <= {1, 2, 4, 8}
+    assert (d["input"] == d["output"]).all()
+    assert (d["meas_latency_s"] > 0).all()
+    # the documented identity: throughput = batch * (in + out) / latency
+    thr = d["batch"] * (d["input"] + d["output"]) / d["meas_latency_s"]
+    assert np.allclose(thr, d["meas_throughput"], rtol=1e-6)
+
+
+@needs_data
+def test_splitwise_loader_parses_real_file():
+    s = ve.load_splitwise()
+    assert len(s) == 114  # Llama2-70B x (A100, H100) x TP (2, 4, 8) x 19 shapes
+    assert set(s["device"]) == {"A100-SXM-80GB", "H100-SXM"}
+    assert (s["repeats"] >= 1).all() and (s["meas_tbt_ms"] > 10).all()
+    assert (s["out_eff"] <= s["output"]).all() and (s["out_eff"] >= 2).all()
+    # short outputs ran to completion: e2e ~ TTFT + TBT * (out - 1)
+    short = s[s["output"] == 128]
+    assert short["e2e_ok"].all()
+
+
+@needs_data
+def test_split_is_by_configuration():
+    rows = ve.load_all()
+    per_config = rows.groupby("config")["split"].nunique()
+    assert (per_config == 1).all()
+    assert {"train", "test"} <= set(rows["split"])
+
+
+def _tiny_problem():
+    import jax.numpy as jnp
+
+    from mist.lowering.deployment import Deployment, lower
+
+    dep = Deployment.single("llama-3.2-1b", "H100-SXM", tp=1, policy="continuous", max_num_seqs=2,
+                            max_num_batched_tokens=256)
+    wl = {"arrival": np.zeros(2), "input_tokens": np.array([32, 32]), "output_tokens": np.array([5, 5])}
+    lo = lower(dep, wl, slots=2, window=2, queue=2, stretch=4, num_requests=2)
+    return lo, jnp
+
+
+def test_e2e_gradient_through_scan_matches_finite_difference():
+    import jax
+
+    import mist  # noqa: F401  (float64)
+    from mist.engine.run import run_chunk
+    from mist.engine.state import init_state
+
+    lo, jnp = _tiny_problem()
+    n_valid = jnp.sum(lo.workload.valid).astype(jnp.int32)
+    base = np.array([np.log(1e-3), np.log(1e-5), np.log(1e-8)])
+
+    def latency(log_iter):
+        theta = jnp.stack([log_iter, jnp.asarray(base[1]), jnp.asarray(base[2])])
+        cl = ve.with_cpu(lo.clients, theta)
+        st = init_state(lo.dims, jax.random.PRNGKey(0))
+        st = run_chunk.__wrapped__(lo.dims, 12, cl, lo.topology, lo.workload, n_valid, st)
+        fin = jnp.where(lo.workload.valid, st.o_finish, -jnp.inf).max()
+        return fin, (st.completed, st.iters[0])
+
+    vg = jax.jit(jax.value_and_grad(latency, has_aux=True))
+    x0 = jnp.asarray(base[0])
+    (f0, (done, iters)), g = vg(x0)
+    assert int(done) == 2, "the tiny workload must finish within the scan length"
+    assert np.isfinite(float(g)) and float(g) > 0
+    h = 1e-3
+    (fp, _), _ = vg(x0 + h)
+    (fm, _), _ = vg(x0 - h)
+    fd = (float(fp) - float(fm)) / (2 * h)
+    assert abs(float(g) - fd) <= 1e-2 * abs(fd)
+    # latency is linear in cpu_iter with one term per iteration: d latency / d log_cpu_iter = iters * cpu_iter
+    assert float(g) == pytest.approx(int(iters) * 1e-3, rel=1e-3)
