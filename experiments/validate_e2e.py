@@ -721,7 +721,8 @@ def report_only(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a handful of rows, short fit (smoke test)")
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default experiments/results; with --quick a temporary folder)")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--no-fit", action="store_true")
     ap.add_argument("--no-write-params", action="store_true")
@@ -731,6 +732,11 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the report from DIR/validate_e2e.csv and .json without simulating")
     args = ap.parse_args(argv)
+    if args.out is None:
+        import tempfile
+
+        args.out = (Path(tempfile.gettempdir()) / "mist_validate_e2e_quick" if args.quick
+                    else ROOT / "experiments" / "results")
     if args.report_only:
         return report_only(args)
     if not have_data(args.data):
