@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from .engine.run import RunStats, simulate_arrays
 from .lowering.config import SimConfig, load_config
@@ -98,4 +97,4 @@ def simulate(config: str | Path | SimConfig | None = None, *, deployment: Deploy
     return SimulationResult(lo0, st0, stats, requests_frame(lo0, st0), summary, sums)
 
 
-__all__ = ["simulate", "SimulationResult", "np"]
+__all__ = ["simulate", "SimulationResult"]

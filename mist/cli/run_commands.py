@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -274,4 +273,4 @@ def register(sub) -> None:
     b.set_defaults(func=lambda a: (b.print_help(), 0)[1])
 
 
-__all__ = ["register", "json"]
+__all__ = ["register"]

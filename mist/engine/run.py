@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -105,4 +104,4 @@ def to_host(st: EngineState) -> EngineState:
     return jax.tree.map(lambda x: jax.device_get(x), st)
 
 
-__all__ = ["run_chunk", "run_chunk_batched", "simulate_arrays", "SimulationStuck", "RunStats", "eqx"]
+__all__ = ["run_chunk", "run_chunk_batched", "simulate_arrays", "SimulationStuck", "RunStats"]

@@ -93,7 +93,6 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
     Requests that can never be served there are rejected with a reason.
     """
     C, Q = dims.num_clients, dims.queue
-    M = rid.shape[0]
     rid_s = jnp.clip(rid, 0, dims.num_requests - 1)
     pipe = wl.pipeline[rid_s]
     pool = topo.pipeline_pools[pipe, jnp.clip(stage, 0, dims.stages - 1)]

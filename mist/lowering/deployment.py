@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import jax
@@ -385,4 +384,4 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = ["ClientSpec", "StageSpec", "PipelineSpec", "LinkSpec", "Deployment", "Lowered", "lower",
-           "lower_workload", "stack_lowered", "math"]
+           "lower_workload", "stack_lowered", "bucket"]

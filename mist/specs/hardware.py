@@ -6,7 +6,7 @@ the dataclasses hold SI units (FLOP/s, bytes, bytes/s, seconds).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ._toml import Fields, read_spec_file
