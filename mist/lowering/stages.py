@@ -224,7 +224,7 @@ def parse_stage_client(f, where: str) -> list[ClientSpec]:
         mk = [lambda n: rag_search_client(n, pool, hardware, mns, devices, **idx)]
     elif kind == "kv_tier":
         kw = dict(bandwidth_gbs=f.number("bandwidth_gbs", positive=True), latency_us=f.number("latency_us"),
-                  hit_rate=f.number("hit_rate"), kv_bytes_per_token=f.number("kv_bytes_per_token", None, positive=True),
+                  hit_rate=f.number("hit_rate", 0.0), kv_bytes_per_token=f.number("kv_bytes_per_token", None, positive=True),
                   tier=f.string("tier", ""), hardware=hardware, max_num_seqs=mns, devices=devices,
                   capacity_gb=f.number("capacity_gb", None, positive=True))
         f.check_unknown(_COMMON | {"bandwidth_gbs", "latency_us", "hit_rate", "kv_bytes_per_token", "tier",
@@ -432,8 +432,46 @@ def apply_reasoning(requests, multiplier: float | None = None, extra_tokens: Any
     return out
 
 
+def trace_tier_hits(prefix_hash, input_tokens, tiers: list[tuple[str, int]], block_tokens: int = 512):
+    """Replay prefix-block hash ids (Mooncake-style) through an inclusive hierarchy of LRU caches,
+    one per tier with its capacity in blocks, in arrival order. A request hits the first tier that
+    holds its leading block; its cached tokens are the leading run of its blocks found there
+    (times `block_tokens`, at most prompt - 1). Every block a request touches enters (or refreshes)
+    every tier, evicting the least recently used beyond capacity. Returns (tier index or -1, cached
+    tokens) per request."""
+    from collections import OrderedDict
+
+    lrus = [OrderedDict() for _ in tiers]
+    ph = np.asarray(prefix_hash)
+    n = len(input_tokens)
+    which = np.full(n, -1, np.int64)
+    cached = np.zeros(n, np.int64)
+    for i in range(n):
+        ids = [int(h) for h in ph[i] if h >= 0]
+        for j, lru in enumerate(lrus):
+            run = 0
+            for h in ids:
+                if h not in lru:
+                    break
+                run += 1
+            if run:
+                which[i] = j
+                cached[i] = min(run * block_tokens, max(int(input_tokens[i]) - 1, 0))
+                break
+        for (_, cap), lru in zip(tiers, lrus):
+            for h in ids:
+                if h in lru:
+                    lru.move_to_end(h)
+                else:
+                    lru[h] = None
+                    if len(lru) > cap:
+                        lru.popitem(last=False)
+    return which, cached
+
+
 def assign_kv_hits(requests, dep: Deployment, context_tokens: int = 0, cached_fraction: float = 0.0,
-                   seed: int = 0, hit_rates: dict | None = None) -> dict:
+                   seed: int = 0, hit_rates: dict | None = None, trace_hits: bool = False,
+                   block_tokens: int = 512) -> dict:
     """Decide per request which KV tier it hits (seeded; tiers in client order, each tier's hit rate
     conditional on missing the ones before) and route it to the pipeline that starts at that tier's
     pool with its cached tokens set; a miss everywhere takes the pipeline that starts with no tier
@@ -460,15 +498,37 @@ def assign_kv_hits(requests, dep: Deployment, context_tokens: int = 0, cached_fr
     if miss_pipe is None:
         raise SpecError(dep.name, "pipelines", "no recompute pipeline (one that starts without a KV tier)",
                         "add a pipeline whose first stage is the LLM pool")
+    pipe = np.full(n, miss_pipe, np.int64)
+    inp = np.asarray(d["input_tokens"], np.int64)
+    if trace_hits:
+        ph = d.get("prefix_hash")
+        if ph is None or np.asarray(ph).max() < 0:
+            raise SpecError(dep.name, "workload.kv_retrieval.hits", "trace-driven hits need prefix hash ids",
+                            "use a trace with hash_ids (Mooncake format) or give hit_rate per tier")
+        caps = []
+        for pool, _ in tiers:
+            cs = next(c for c in dep.clients if c.pool == pool)
+            cap_gb, kvb = cs.stage.get("capacity_gb"), cs.stage.get("kv_bytes_per_token")
+            if not cap_gb or not kvb:
+                raise SpecError(dep.name, f"clients.{cs.name}.capacity_gb",
+                                "trace-driven hits need the tier's capacity and KV bytes per token",
+                                "set capacity_gb on the kv_tier client")
+            caps.append((pool, max(int(cap_gb * 1e9 // (kvb * block_tokens)), 1)))
+        which, tcached = trace_tier_hits(ph, inp, caps, block_tokens)
+        hit = which >= 0
+        for j, (pool, _) in enumerate(tiers):
+            pipe[which == j] = first[pool]
+        d["input_tokens"] = inp + int(context_tokens)
+        d["cached_tokens"] = np.where(hit, np.minimum(tcached + int(context_tokens), d["input_tokens"] - 1), 0)
+        d["pipeline"] = pipe
+        return d
     rng = np.random.default_rng(seed)
     u = rng.random((n, len(tiers)))
-    pipe = np.full(n, miss_pipe, np.int64)
     hit = np.zeros(n, bool)
     for j, (pool, hr) in enumerate(tiers):
         now = ~hit & (u[:, j] < hr)
         pipe[now] = first[pool]
         hit |= now
-    inp = np.asarray(d["input_tokens"], np.int64)
     cached = np.floor(inp * float(cached_fraction)).astype(np.int64) + int(context_tokens)
     d["input_tokens"] = inp + int(context_tokens)
     d["cached_tokens"] = np.where(hit, np.minimum(cached, d["input_tokens"] - 1), 0)
@@ -490,9 +550,12 @@ def apply_extras(dep: Deployment, requests, extras: dict, where: str, seed: int 
         f.check_unknown({"multiplier", "extra_tokens", "branches", "seed"})
     if "kv_retrieval" in extras:
         f = Fields(extras["kv_retrieval"] or {}, where, "workload.kv_retrieval.")
+        hits = f.string("hits", "rate", choices=("rate", "trace"))
         d = assign_kv_hits(d, dep, context_tokens=f.number("context_tokens", 0, integer=True),
-                           cached_fraction=f.number("cached_fraction", 0.0), seed=f.number("seed", seed, integer=True))
-        f.check_unknown({"context_tokens", "cached_fraction", "seed"})
+                           cached_fraction=f.number("cached_fraction", 0.0), seed=f.number("seed", seed, integer=True),
+                           trace_hits=hits == "trace",
+                           block_tokens=f.number("block_tokens", 512, integer=True, positive=True))
+        f.check_unknown({"context_tokens", "cached_fraction", "seed", "hits", "block_tokens"})
     return d
 
 
