@@ -32,8 +32,9 @@ ALIASES: dict[str, str] = {
 #: Which entry of a device's peak-FLOP/s table a matmul in this format runs at, in order of
 #: preference (a chip without native fp4 runs fp4 weights at its fp8 or bf16 rate).
 COMPUTE_FALLBACK: dict[str, tuple[str, ...]] = {
-    "fp32": ("fp32",),
-    "tf32": ("tf32", "fp32"),
+    # chips without an fp32 matrix rate (TPU v6e/v7, inference ASICs) run fp32 work at their bf16 rate
+    "fp32": ("fp32", "tf32", "bf16", "fp16"),
+    "tf32": ("tf32", "fp32", "bf16", "fp16"),
     "bf16": ("bf16", "fp16", "fp32"),
     "fp16": ("fp16", "bf16", "fp32"),
     "fp8": ("fp8", "int8", "bf16", "fp16", "fp32"),
