@@ -433,40 +433,12 @@ def apply_reasoning(requests, multiplier: float | None = None, extra_tokens: Any
 
 
 def trace_tier_hits(prefix_hash, input_tokens, tiers: list[tuple[str, int]], block_tokens: int = 512):
-    """Replay prefix-block hash ids (Mooncake-style) through an inclusive hierarchy of LRU caches,
-    one per tier with its capacity in blocks, in arrival order. A request hits the first tier that
-    holds its leading block; its cached tokens are the leading run of its blocks found there
-    (times `block_tokens`, at most prompt - 1). Every block a request touches enters (or refreshes)
-    every tier, evicting the least recently used beyond capacity. Returns (tier index or -1, cached
-    tokens) per request."""
-    from collections import OrderedDict
+    """Trace-driven tier hits: (tier index or -1, cached tokens) per request, replaying prefix-block
+    hash ids through the tiers' LRU caches (`tiers`: (pool, capacity in blocks), closest first;
+    see `prefix_cache.replay_lru_tiers`)."""
+    from .prefix_cache import replay_lru_tiers
 
-    lrus = [OrderedDict() for _ in tiers]
-    ph = np.asarray(prefix_hash)
-    n = len(input_tokens)
-    which = np.full(n, -1, np.int64)
-    cached = np.zeros(n, np.int64)
-    for i in range(n):
-        ids = [int(h) for h in ph[i] if h >= 0]
-        for j, lru in enumerate(lrus):
-            run = 0
-            for h in ids:
-                if h not in lru:
-                    break
-                run += 1
-            if run:
-                which[i] = j
-                cached[i] = min(run * block_tokens, max(int(input_tokens[i]) - 1, 0))
-                break
-        for (_, cap), lru in zip(tiers, lrus):
-            for h in ids:
-                if h in lru:
-                    lru.move_to_end(h)
-                else:
-                    lru[h] = None
-                    if len(lru) > cap:
-                        lru.popitem(last=False)
-    return which, cached
+    return replay_lru_tiers(prefix_hash, input_tokens, [cap for _, cap in tiers], block_tokens)
 
 
 def assign_kv_hits(requests, dep: Deployment, context_tokens: int = 0, cached_fraction: float = 0.0,
