@@ -23,8 +23,8 @@ def _cmd_estimate(args) -> int:
     from ..estimate import estimate
     from ._format import emit_json, table
 
-    explicit = any(a.startswith("--") for a in sys.argv[2:]) if len(sys.argv) > 1 else False
-    if args.json or explicit:
+    # with no options at all: a table over batch sizes for the bundled default model and device
+    if args.json or args.options_given:
         r = estimate(args.model, args.hardware, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
                      kv_cache_dtype=args.kv_cache_dtype, batch=args.batch, input=args.input, output=args.output)
         if args.json:
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return _guard(lambda: calibrate_main(argv[1:]))
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.options_given = len(argv) > 1  # from argv, not sys.argv: main() may be called in-process
     if not getattr(args, "func", None):
         ap.print_help()
         return 0

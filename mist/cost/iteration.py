@@ -173,7 +173,6 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     # ---- prefill attention (per-sequence efficiency: short chunks use the machine less)
     full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)
     full_layers = L - rep.sliding_layers
-    pairs = full_layers * full_pairs + rep.sliding_layers * win_pairs
     width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
     # per sequence and layer kind: tile-padded pairs (see prefill_tile_pairs)
     pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs)

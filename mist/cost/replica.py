@@ -8,7 +8,6 @@ already divided by the tensor/expert-parallel degree, i.e. as seen by one device
 
 from __future__ import annotations
 
-import math
 from enum import IntEnum
 
 import equinox as eqx
@@ -185,6 +184,3 @@ def stack(replicas: list[Replica]) -> Replica:
 
     return jax.tree.map(lambda *xs: jnp.stack(xs), *replicas)
 
-
-def log2(x: float) -> float:
-    return math.log2(x) if x > 0 else 0.0

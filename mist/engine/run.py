@@ -100,8 +100,4 @@ def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workl
     return st, RunStats(compile_s=compile_s, run_s=time.perf_counter() - t0, steps=steps, chunks=chunks)
 
 
-def to_host(st: EngineState) -> EngineState:
-    return jax.tree.map(lambda x: jax.device_get(x), st)
-
-
 __all__ = ["run_chunk", "run_chunk_batched", "simulate_arrays", "SimulationStuck", "RunStats"]

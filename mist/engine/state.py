@@ -84,6 +84,3 @@ def init_state(dims: EngineDims, key) -> EngineState:
         completed=jnp.int32(0), steps=jnp.int32(0), key=key,
     )
 
-
-def is_done(state: EngineState, num_valid) -> Bool[Array, ""]:
-    return state.completed >= num_valid

@@ -335,9 +335,6 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     chunk = jnp.where(go, chunk, 0)
     decode_only = (chunk.sum() == 0) & is_llm & (n_admit == 0) & ~preempting
 
-    # rows of client c are rewritten below; with go False they must come back unchanged
-    rid = jnp.where(go, rid, st.s_rid[c])
-
     # ---- iteration times for up to W consecutive decode iterations
     # the cost model runs in float64 here: float32 durations carry ~1 ns of rounding noise that
     # differs between the stretched and the per-iteration programs (and so flips the ns rounding)

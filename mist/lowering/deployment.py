@@ -237,8 +237,9 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
             dp = m.default_precision
             prec = Precision(weight=cs.dtype or dp.weight, kv=cs.kv_cache_dtype or dp.kv, act=dp.act,
                              expert_weight=cs.dtype or dp.expert_weight)
-            mbt = cs.max_num_batched_tokens or (8192 if policy == Policy.CHUNKED else max(m.max_context, 8192)
-                                                if m.max_context <= 32768 else 32768)
+            # vLLM-like defaults: 8192 with chunked prefill, else room for a whole prompt (8k-32k)
+            mbt = cs.max_num_batched_tokens or (8192 if policy == Policy.CHUNKED
+                                                else min(max(m.max_context, 8192), 32768))
             mml = cs.max_model_len or m.max_context
             rep = lower_replica(m, dev, prec, tp=cs.tp, pp=cs.pp, ep=cs.ep)
             if cs.attention_block:  # consecutive blocks of bidirectional attention (see lowering/stages.py)
@@ -377,10 +378,6 @@ def bucket(n: int, minimum: int = 64) -> int:
         return p
     step = p // 8
     return -(-n // step) * step
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 __all__ = ["ClientSpec", "StageSpec", "PipelineSpec", "LinkSpec", "Deployment", "Lowered", "lower",

@@ -22,7 +22,7 @@ def normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9.]", "", name.lower()).replace(".", "")
 
 
-def _index(entries: dict[str, object], names: dict[str, list[str]]) -> dict[str, str]:
+def _index(names: dict[str, list[str]]) -> dict[str, str]:
     idx: dict[str, str] = {}
     for canon, keys in names.items():
         for k in keys:
@@ -38,7 +38,7 @@ def _hardware() -> tuple[dict[str, Device], dict[str, str]]:
         d = load_device_file(p)
         devs[d.name] = d
         keys[d.name] = [d.name, p.stem, *d.aliases]
-    return devs, _index(devs, keys)
+    return devs, _index(keys)
 
 
 @cache
@@ -53,7 +53,7 @@ def _models() -> tuple[dict[str, Path], dict[str, str]]:
         files[name] = p
         hf = meta.get("hf_id", "")
         keys[name] = [name, p.stem, hf, hf.split("/")[-1], *meta.get("aliases", [])]
-    return files, _index(files, keys)
+    return files, _index(keys)
 
 
 def hardware_names() -> list[str]:

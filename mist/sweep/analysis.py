@@ -177,12 +177,7 @@ def plot_pareto(df: pd.DataFrame, path: str | Path, *, per: str = "dollar", late
     ax.set_ylabel(ycol.replace("_", " "))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=130)
-    plt.close(fig)
-    return p
+    return _save(fig, path)
 
 
 def plot_heatmap(df: pd.DataFrame, x: str, y: str, metric: str, path: str | Path, *, agg: str = "max") -> Path:
@@ -205,13 +200,20 @@ def plot_heatmap(df: pd.DataFrame, x: str, y: str, metric: str, path: str | Path
     ax.set_ylabel(y)
     ax.set_title(f"{agg} {metric}", fontsize=9)
     fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+__all__ = ["pareto_front", "pareto_mask", "meets_slo", "best_under_slo", "max_sustainable_rate", "plot_pareto",
+           "plot_heatmap", "objectives_for", "THROUGHPUT_PER"]
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p, dpi=130)
     plt.close(fig)
     return p
-
-
-__all__ = ["pareto_front", "pareto_mask", "meets_slo", "best_under_slo", "max_sustainable_rate", "plot_pareto",
-           "plot_heatmap", "objectives_for", "THROUGHPUT_PER"]

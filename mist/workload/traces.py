@@ -99,38 +99,32 @@ def _bad_row(name: str, line: int, field: str, value: Any, what: str, fix: str =
     return SpecError(f"{name} line {line}", field, f"{value!r} {what}", fix)
 
 
-def _parse_ints(df, col: str, name: str, header_lines: int = 1) -> np.ndarray:
+def _parse_numbers(df, col: str, name: str, integer: bool, header_lines: int = 1) -> np.ndarray:
+    """A column as numbers; the first missing or malformed value is an error naming file, line, field."""
     import pandas as pd
 
     s = df[col]
     raw = s.to_numpy(dtype=object)
     num = pd.to_numeric(s.where(s.notna(), ""), errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(num) | (num != np.round(num))
+    bad = ~np.isfinite(num) | ((num != np.round(num)) if integer else False)
     if bad.any():
         i = int(np.argmax(bad))
         v = raw[i]
         if v is None or (isinstance(v, float) and np.isnan(v)) or v == "":
             raise SpecError(f"{name} line {i + 1 + header_lines}", col, "value is missing",
                             "fill in the value or delete the row")
-        raise _bad_row(name, i + 1 + header_lines, col, v, "is not an integer", "token counts are whole numbers")
-    return num.astype(np.int64)
+        if integer:
+            raise _bad_row(name, i + 1 + header_lines, col, v, "is not an integer", "token counts are whole numbers")
+        raise _bad_row(name, i + 1 + header_lines, col, v, "is not a number", "times are numbers of seconds")
+    return num.astype(np.int64) if integer else num
+
+
+def _parse_ints(df, col: str, name: str, header_lines: int = 1) -> np.ndarray:
+    return _parse_numbers(df, col, name, True, header_lines)
 
 
 def _parse_floats(df, col: str, name: str, header_lines: int = 1) -> np.ndarray:
-    import pandas as pd
-
-    s = df[col]
-    raw = s.to_numpy(dtype=object)
-    num = pd.to_numeric(s.where(s.notna(), ""), errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(num)
-    if bad.any():
-        i = int(np.argmax(bad))
-        v = raw[i]
-        if v is None or (isinstance(v, float) and np.isnan(v)) or v == "":
-            raise SpecError(f"{name} line {i + 1 + header_lines}", col, "value is missing",
-                            "fill in the value or delete the row")
-        raise _bad_row(name, i + 1 + header_lines, col, v, "is not a number", "times are numbers of seconds")
-    return num
+    return _parse_numbers(df, col, name, False, header_lines)
 
 
 def _finish(
