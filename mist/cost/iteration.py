@@ -111,18 +111,21 @@ def _clamped_sums(a_sorted, prefix, n, offsets, lo, hi):
     return m_lo * lo + mid + (m_hi - m_lo) * offsets + (n - m_hi) * hi
 
 
-def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decode_mask, offsets):
+def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decode_mask, offsets, const=None):
     """Times of consecutive decode-only iterations: iteration j decodes every masked sequence with
     its context advanced by offsets[j]. Only attention depends on j, so the rest is costed once,
     and attention needs only sums of clipped key counts, taken from the sorted contexts in
     O(log S) per iteration. Per-iteration and stretched engines both cost decode-only iterations
-    through this function, so they agree exactly."""
-    empty = jnp.zeros((1,), decode_context.dtype)
-    b = MixedBatch(prefill_tokens=empty, prefill_context=empty, prefill_last=jnp.zeros((1,), bool),
-                   prefill_mask=jnp.zeros((1,), bool), decode_context=decode_context,
-                   decode_mask=decode_mask)
-    parts = iteration_breakdown(params, rep, b)
-    const = sum(v for k, v in parts.items() if k != "attn_decode")
+    through this function, so they agree exactly.
+
+    `const` (optional) is `decode_constant(iteration_breakdown(...))` of a batch with the same
+    decode rows and no prefill rows, when the caller has evaluated it already (the engine does)."""
+    if const is None:
+        empty = jnp.zeros((1,), decode_context.dtype)
+        b = MixedBatch(prefill_tokens=empty, prefill_context=empty, prefill_last=jnp.zeros((1,), bool),
+                       prefill_mask=jnp.zeros((1,), bool), decode_context=decode_context,
+                       decode_mask=decode_mask)
+        const = decode_constant(iteration_breakdown(params, rep, b))
     offsets = jnp.asarray(offsets, decode_context.dtype)
     att = jnp.where(decode_mask, decode_context + 1.0, _BIG)
     a_sorted = jnp.sort(att)
@@ -138,6 +141,13 @@ def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decod
     dc_flops = 2.0 * width_d * keys
     dc_bytes = keys * rep.kv_bytes_token_layer + L * n * width_d * rep.act_bytes
     return const + kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L)
+
+
+def decode_constant(parts: dict) -> Float[Array, ""]:
+    """The part of a decode-only iteration's time that does not depend on the contexts' growth:
+    everything but decode attention (summed in the breakdown's order, so that callers agree to
+    the last bit)."""
+    return sum(v for k, v in parts.items() if k != "attn_decode")
 
 
 def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> dict[str, Float[Array, ""]]:
