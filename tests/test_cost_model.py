@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from mist.cost import Comm, Op, default_params, make_params
+from mist.cost.params import CostParams
 from mist.cost.iteration import MixedBatch, iteration_breakdown, iteration_time, make_batch, operator_counts
 from mist.cost.memory import DoesNotFit, kv_bytes_per_token_per_device, plan_memory
 from mist.cost.replica import Gemm, lower_replica, stack
@@ -275,6 +276,43 @@ def test_collective_formulas(g):
     assert close(f(collective_time(p, Comm.SEND_RECV, S, 2, bw, lat)), S / beff + lat)
 
 
+
+@pytest.mark.parametrize("g", [2, 4, 8])
+def test_collective_bandwidth_ramp_group_exponent_and_overhead_by_hand(g):
+    # V(S) = S + s^beta S^(1-beta) bytes at the link rate, ring factor ((g-1)/g)^gamma, o per call;
+    # beta = 0.5 (logit 0) and s = 4^2 S make the ramp exactly 4 S: V = 5 S
+    p = make_params(**_phys(ideal_params(comm_bw_eff=0.5)), comm_s_half=[16e6] * 4, comm_beta=[0.5] * 4,
+                    comm_group_exp=[2.0] * 4, comm_overhead_s=[3e-6] * 4)
+    S, bw, lat = 1e6, 1e9, 1e-6
+    beff = 0.5 * bw
+    ring, steps, V = ((g - 1) / g) ** 2, math.log2(g), 5.0 * S
+    assert close(f(collective_time(p, Comm.ALLREDUCE, S, g, bw, lat)), 2 * ring * V / beff + 2 * steps * lat + 3e-6)
+    for c in (Comm.ALLGATHER, Comm.ALLTOALL):
+        assert close(f(collective_time(p, c, S, g, bw, lat)), ring * V / beff + steps * lat + 3e-6)
+    assert close(f(collective_time(p, Comm.SEND_RECV, S, 2, bw, lat)), V / beff + lat + 3e-6)
+    # nothing to move, or a group of one: no time, no overhead, finite gradients (in S too)
+    assert f(collective_time(p, Comm.ALLREDUCE, 0.0, g, bw, lat)) == 0.0
+    assert f(collective_time(p, Comm.ALLREDUCE, S, 1, bw, lat)) == 0.0
+    for S0, g0 in ((0.0, g), (S, 1.0), (0.0, 1.0)):
+        gp = jax.grad(lambda q: collective_time(q, Comm.ALLREDUCE, S0, g0, bw, lat))(p)
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(gp))
+        gs = jax.grad(lambda s_: collective_time(p, Comm.ALLREDUCE, s_, g0, bw, lat))(S0)
+        assert np.isfinite(float(gs))
+    # the achieved bandwidth grows with the message: time per byte falls towards 2 ring / beff
+    per_byte = [f(collective_time(p, Comm.ALLREDUCE, s_, g, bw, 0.0)) / s_ for s_ in (1e4, 1e6, 1e8, 1e10)]
+    assert all(a > b for a, b in zip(per_byte, per_byte[1:]))
+
+
+def test_params_files_without_the_collective_terms_load_with_them_off():
+    # a file written before the ramp / group exponent / per-call terms existed means the plain ring
+    d = ideal_params(comm_bw_eff=0.5).to_dict()
+    for c in d["comms"].values():
+        for k in ("s_half_bytes", "beta", "group_exp", "overhead_us"):
+            del c[k]
+    p = CostParams.from_dict(d)
+    S, g, bw, lat = 1e6, 4, 1e9, 1e-6
+    assert close(f(collective_time(p, Comm.ALLREDUCE, S, g, bw, lat)), 2 * 0.75 * S / (0.5 * bw) + 2 * 2 * lat)
+
 def test_collective_trivial_cases():
     p = default_params()
     for c in (Comm.ALLREDUCE, Comm.ALLGATHER, Comm.ALLTOALL):
@@ -434,6 +472,9 @@ def test_gradient_matches_finite_differences(fd_results):
             assert any(must in n for n in live), (res["model"], must)
         if res["model"].startswith("qwen3"):
             assert sum("comm_bw_logit" in n for n in live) == 4  # all-reduce, all-gather, all-to-all, send/recv
+            for must in ("log_comm_s_half", "comm_beta_logit", "log_comm_overhead"):
+                assert sum(must in n for n in live) == 4, must
+            assert sum("log_comm_group_exp" in n for n in live) == 3  # send/recv has no ring factor
 
 
 def test_gradients_finite_float32():

@@ -58,8 +58,15 @@ class CostParams(eqx.Module):
       log_overhead: log seconds of fixed per-kernel time (launch, tail, synchronisation)
       log_sharpness: log of the exponent p of the smooth max of compute and memory time
     Per collective class (index `Comm`):
-      comm_bw_logit: achieved fraction of the link bandwidth
+      comm_bw_logit: achieved fraction of the link bandwidth (for large messages)
       log_comm_latency_scale: multiplier on the link's per-step latency
+      log_comm_s_half: log bytes of the message size scale s of the bandwidth ramp: the library
+        reaches bw_eff * S / (S + s^beta S^(1-beta)) of the link for an S-byte message (protocol
+        and channel switches make the achieved bandwidth grow with the message)
+      comm_beta_logit: beta in (0, 1) of that ramp, sigmoid(.)
+      log_comm_group_exp: log of the exponent gamma on the ring factor ((g-1)/g)^gamma (NCCL's bus
+        bandwidth grows with the group on a switched domain: more channels, NVLS)
+      log_comm_overhead: log seconds of fixed time per collective call (launch, synchronisation)
     Per engine iteration (CPU side, fitted end to end):
       log_cpu_iter: seconds of fixed scheduler/launch work per iteration
       log_cpu_per_seq: seconds per scheduled sequence (input preparation, sampling)
@@ -74,6 +81,10 @@ class CostParams(eqx.Module):
     log_sharpness: Float[Array, "ops"]
     comm_bw_logit: Float[Array, "comms"]
     log_comm_latency_scale: Float[Array, "comms"]
+    log_comm_s_half: Float[Array, "comms"]
+    comm_beta_logit: Float[Array, "comms"]
+    log_comm_group_exp: Float[Array, "comms"]
+    log_comm_overhead: Float[Array, "comms"]
     log_cpu_iter: Float[Array, ""]
     log_cpu_per_seq: Float[Array, ""]
     log_cpu_per_token: Float[Array, ""]
@@ -109,6 +120,22 @@ class CostParams(eqx.Module):
         return jnp.exp(self.log_comm_latency_scale)
 
     @property
+    def comm_s_half(self):
+        return jnp.exp(self.log_comm_s_half)
+
+    @property
+    def comm_beta(self):
+        return jax_sigmoid(self.comm_beta_logit)
+
+    @property
+    def comm_group_exp(self):
+        return jnp.exp(self.log_comm_group_exp)
+
+    @property
+    def comm_overhead(self):
+        return jnp.exp(self.log_comm_overhead)
+
+    @property
     def cpu_iter(self):
         return jnp.exp(self.log_cpu_iter)
 
@@ -135,6 +162,10 @@ class CostParams(eqx.Module):
             "comms": {c.name.lower(): {
                 "bw_eff": f(self.comm_bw_eff[c]),
                 "latency_scale": f(self.comm_latency_scale[c]),
+                "s_half_bytes": f(self.comm_s_half[c]),
+                "beta": f(self.comm_beta[c]),
+                "group_exp": f(self.comm_group_exp[c]),
+                "overhead_us": f(self.comm_overhead[c] * 1e6),
             } for c in Comm},
             "cpu": {
                 "iter_us": f(self.cpu_iter * 1e6),
@@ -150,6 +181,9 @@ class CostParams(eqx.Module):
 
         try:
             ops, comms, cpu = d["ops"], d["comms"], d["cpu"]
+            # fields added after a file was written take the value that switches their term off
+            # (the formula the file was fitted with)
+            cget = lambda k, off: [comms[c.name.lower()].get(k, off) for c in Comm]  # noqa: E731
             return make_params(
                 compute_eff=[ops[o.name.lower()]["compute_eff"] for o in Op],
                 memory_eff=[ops[o.name.lower()]["memory_eff"] for o in Op],
@@ -158,6 +192,10 @@ class CostParams(eqx.Module):
                 sharpness=[ops[o.name.lower()]["sharpness"] for o in Op],
                 comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
                 comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
+                comm_s_half=cget("s_half_bytes", COMM_OFF["s_half"]),
+                comm_beta=cget("beta", COMM_OFF["beta"]),
+                comm_group_exp=cget("group_exp", COMM_OFF["group_exp"]),
+                comm_overhead_s=[v * 1e-6 for v in cget("overhead_us", COMM_OFF["overhead_s"] * 1e6)],
                 cpu_iter_s=cpu["iter_us"] * 1e-6,
                 cpu_per_seq_s=cpu["per_seq_us"] * 1e-6,
                 cpu_per_token_s=cpu["per_token_us"] * 1e-6,
@@ -172,10 +210,18 @@ def jax_sigmoid(x):
     return 1.0 / (1.0 + jnp.exp(-x))
 
 
+#: values of the collective terms that switch them off (a constant-bandwidth collective with no
+#: fixed cost per call): what a parameter file written before those terms existed means
+COMM_OFF = {"s_half": 1e-12, "beta": 0.5, "group_exp": 1.0, "overhead_s": 1e-12}
+
+
 def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
                 comm_latency_scale, cpu_iter_s, cpu_per_seq_s, cpu_per_token_s,
-                step_noise_sigma=0.0) -> CostParams:
-    """Build CostParams from physical values."""
+                step_noise_sigma=0.0, comm_s_half=None, comm_beta=None, comm_group_exp=None,
+                comm_overhead_s=None) -> CostParams:
+    """Build CostParams from physical values (collective terms left out are switched off, see
+    COMM_OFF)."""
+    full = lambda v, k: [COMM_OFF[k]] * NUM_COMMS if v is None else v  # noqa: E731
     a = lambda x: jnp.asarray(np.asarray(x, dtype=np.float32))  # noqa: E731
     clip = lambda p: np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)  # noqa: E731
     pos = lambda x: np.maximum(np.asarray(x, dtype=np.float64), 1e-12)  # noqa: E731
@@ -187,6 +233,10 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
         log_sharpness=a(np.log(pos(sharpness))),
         comm_bw_logit=a(_logit(clip(comm_bw_eff))),
         log_comm_latency_scale=a(np.log(pos(comm_latency_scale))),
+        log_comm_s_half=a(np.log(pos(full(comm_s_half, "s_half")))),
+        comm_beta_logit=a(_logit(clip(full(comm_beta, "beta")))),
+        log_comm_group_exp=a(np.log(pos(full(comm_group_exp, "group_exp")))),
+        log_comm_overhead=a(np.log(pos(full(comm_overhead_s, "overhead_s")))),
         log_cpu_iter=a(np.log(pos(cpu_iter_s))),
         log_cpu_per_seq=a(np.log(pos(cpu_per_seq_s))),
         log_cpu_per_token=a(np.log(pos(cpu_per_token_s))),
@@ -199,7 +249,9 @@ def default_params(kind: str = "gpu") -> CostParams:
 
     GPUs and accelerators: dense GEMMs ~75% of peak compute, attention ~55% (prefill) and ~70%
     of memory bandwidth (decode), elementwise kernels ~70% of bandwidth, a few microseconds of
-    fixed time per kernel, NCCL-like collectives at ~75% of link bandwidth. CPUs reach a lower
+    fixed time per kernel. Collectives: NCCL-like, ~90% of the link for large messages with the
+    bandwidth ramp, ring-factor exponent and per-call time typical of the NCCL fits on NVLink
+    (A100, H100, H200: s_half 2-10 MB, beta ~0.45, gamma ~0.6, 1.5-6 us). CPUs reach a lower
     fraction of their (AMX/AVX-512) peak and pay more per kernel.
     """
     if kind == "cpu":
@@ -219,9 +271,11 @@ def default_params(kind: str = "gpu") -> CostParams:
         m_half=[24.0, 64.0, 64.0, 8.0, 1.0],
         overhead_s=[2e-6, 3e-6, 3e-6, 4e-6, 1.5e-6],
         sharpness=[3.0] * NUM_OPS,
-        comm_bw_eff=[0.75, 0.75, 0.6, 0.8],
-        comm_latency_scale=[1.0] * NUM_COMMS,
+        comm_bw_eff=[0.9, 0.9, 0.8, 0.8],
+        comm_latency_scale=[0.8, 0.8, 0.3, 1.0],
         cpu_iter_s=1e-3, cpu_per_seq_s=1e-5, cpu_per_token_s=1e-8,
+        comm_s_half=[4e6] * NUM_COMMS, comm_beta=[0.45] * NUM_COMMS, comm_group_exp=[0.6] * NUM_COMMS,
+        comm_overhead_s=[3e-6] * NUM_COMMS,
     )
 
 

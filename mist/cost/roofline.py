@@ -46,23 +46,36 @@ def kernel_time(params: CostParams, op: int, flops, bytes_, peak_flops, bandwidt
 def collective_time(params: CostParams, comm: int, size_bytes, group, bandwidth, latency):
     """Time (s) of one collective over `group` devices on a link of `bandwidth` (B/s per direction).
 
-    all-reduce (ring/tree):  2 (g-1)/g * S / bw + 2 log2(g) * lat
-    all-gather, all-to-all:  (g-1)/g * S / bw   +   log2(g) * lat
-    send/recv:               S / bw + lat
-    S is the size of the whole buffer on each device: the (reduced) tensor for all-reduce, the
-    gathered result (g shards) for all-gather (the input for reduce-scatter), each device's send
-    buffer for all-to-all, the message for send/recv.
+    all-reduce (ring/tree):  2 r(g) * V(S) / bw + 2 log2(g) * lat + o
+    all-gather, all-to-all:    r(g) * V(S) / bw +   log2(g) * lat + o
+    send/recv:                        V(S) / bw +            lat + o
+    r(g) = ((g-1)/g)^gamma is the ring factor, V(S) = S + s_half^beta * S^(1-beta) the bytes
+    charged at the link's large-message rate (the achieved bandwidth bw * S / V(S) grows with the
+    message: the communication library's protocol and channel choices), o a fixed time per call.
+    With gamma = 1 and s_half, o -> 0 this is the plain ring cost. S is the size of the whole
+    buffer on each device: the (reduced) tensor for all-reduce, the gathered result (g shards) for
+    all-gather (the input for reduce-scatter), each device's send buffer for all-to-all, the
+    message for send/recv.
     """
     g = jnp.maximum(group, 1.0)
-    frac = (g - 1.0) / g
+    multi = g > 1.0
+    # "double where": g = 1 and S = 0 keep every intermediate finite, so gradients stay finite
+    frac = jnp.where(multi, (g - 1.0) / g, 1.0)
+    ring = jnp.where(multi, jnp.exp(params.comm_group_exp[comm] * jnp.log(frac)), 0.0)
     steps = jnp.log2(g)
+    on = size_bytes > 0
+    s_pos = jnp.where(on, size_bytes, 1.0)
+    beta = params.comm_beta[comm]
+    vol = size_bytes + jnp.where(on, jnp.exp(beta * params.log_comm_s_half[comm]
+                                             + (1.0 - beta) * jnp.log(s_pos)), 0.0)
     bw = bandwidth * params.comm_bw_eff[comm]
     lat = latency * params.comm_latency_scale[comm]
+    ovh = params.comm_overhead[comm]
     if comm == Comm.ALLREDUCE:
-        t = 2.0 * frac * size_bytes / bw + 2.0 * steps * lat
+        t = 2.0 * ring * vol / bw + 2.0 * steps * lat + ovh
     elif comm == Comm.SEND_RECV:
-        t = size_bytes / bw + lat
+        t = vol / bw + lat + ovh
     else:
-        t = frac * size_bytes / bw + steps * lat
-    active = (size_bytes > 0) & ((g > 1.0) | (comm == Comm.SEND_RECV))
+        t = ring * vol / bw + steps * lat + ovh
+    active = on & (multi | (comm == Comm.SEND_RECV))
     return jnp.where(active, t, 0.0)
