@@ -5,9 +5,10 @@ client event (no decode stretches). It reads the numbers of a `Lowered` config (
 leading batch axis) with numpy; only the LLM iteration cost is computed with JAX, by calling
 `mist.cost.iteration.iteration_time` (jitted once) on the batch the semantics define.
 
-Batch rows are laid out the way the engine lays out its slots (a newly admitted request takes the
-lowest free slot), so that the cost model sums its rows in the same order; nothing else depends on slot numbers except the order in which one
-iteration's finished stages are routed on (slot order, as in the engine).
+Batch rows are laid out the way the engine lays out its slots (running requests in admission
+order, then empty rows), so that the cost model sums its rows in the same order; nothing else
+depends on slot numbers except the order in which one iteration's finished stages are routed on
+(admission order, as in the engine).
 """
 
 from __future__ import annotations
@@ -315,9 +316,11 @@ class ReferenceEngine:
                 self.preemptions[s.rid] += 1
                 slots[slots.index(s)] = None
             queue[:0] = [Entry(s.rid, s.stage, t) for s in victims]
+            self.compact(c)
+            slots = self.slots[c]
             self.log.append(("preempt", c, t, [s.rid for s in victims]))
 
-        # admit into the lowest free slots
+        # admit behind the running requests (slots stay in admission order)
         new = set()
         for w in admitted:
             e = w["entry"]
@@ -410,9 +413,15 @@ class ReferenceEngine:
             else:
                 self.finish[s.rid] = t_end
                 self.completed += 1
+        self.compact(c)
         if handoffs:
             self.route(handoffs)
         self.t_free[c] = t_end
+
+    def compact(self, c: int):
+        """Running slots first, in admission order; empty slots after them."""
+        running = [s for s in self.slots[c] if s is not None]
+        self.slots[c] = running + [None] * (self.S - len(running))
 
     # ------------------------------------------------------------------------------ main loop
     def run(self) -> RefResult:

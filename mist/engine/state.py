@@ -17,6 +17,22 @@ def itl_bin_edges(bins: int) -> np.ndarray:
     return np.logspace(-6, 2, bins + 1)
 
 
+# Integer columns of a batch slot. One packed array instead of one array per field: the step reads,
+# compacts and writes a client's slots as one block (fewer, larger kernels per scan step).
+SLOT_FIELDS = (
+    "rid",  # request id, -1 empty
+    "stage",
+    "prompt",  # stage prompt tokens
+    "done",  # tokens whose KV is in the cache
+    "pf_target",  # tokens to have in KV when the prefill phase ends
+    "prefill",  # 1 while in the prefill phase
+    "gen",  # tokens generated in this stage
+    "target",  # tokens to generate in this stage
+    "order",  # admission number (slots are kept in this order)
+)
+EMPTY_SLOT = (-1, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
 class EngineState(eqx.Module):
     """Whole-simulation state. Times are float64 seconds; token counts int32."""
 
@@ -25,16 +41,8 @@ class EngineState(eqx.Module):
     iters: Int[Array, "c"]  # iterations run (also indexes the step-noise stream)
     busy: Float[Array, "c"]  # seconds spent in iterations
     outstanding: Float[Array, "c"]  # tokens queued or running (least-outstanding router)
-    # --- batch slots [C, S]
-    s_rid: Int[Array, "c s"]  # request id, -1 empty
-    s_stage: Int[Array, "c s"]
-    s_prompt: Int[Array, "c s"]  # stage prompt tokens
-    s_done: Int[Array, "c s"]  # tokens whose KV is in the cache
-    s_pf_target: Int[Array, "c s"]  # tokens to have in KV when the prefill phase ends
-    s_prefill: Bool[Array, "c s"]  # in the prefill phase
-    s_gen: Int[Array, "c s"]  # tokens generated in this stage
-    s_target: Int[Array, "c s"]  # tokens to generate in this stage
-    s_order: Int[Array, "c s"]  # admission order (LIFO preemption, chunk priority)
+    # --- batch slots [C, S, F] (columns: SLOT_FIELDS), running requests first, in admission order
+    slots: Int[Array, "c s f"]
     s_last_tok: Float[Array, "c s"]  # time of the slot's last token (inter-token latency)
     # --- queues [C, Q], ring buffers
     q_rid: Int[Array, "c q"]
@@ -72,9 +80,8 @@ def init_state(dims: EngineDims, key) -> EngineState:
     b = lambda shape: jnp.zeros(shape, dtype=bool)  # noqa: E731
     return EngineState(
         t_free=f((C,), 0.0), iters=i((C,), 0), busy=f((C,), 0.0), outstanding=f((C,), 0.0),
-        s_rid=i((C, S), -1), s_stage=i((C, S), 0), s_prompt=i((C, S), 0), s_done=i((C, S), 0),
-        s_pf_target=i((C, S), 0), s_prefill=b((C, S)), s_gen=i((C, S), 0), s_target=i((C, S), 0),
-        s_order=i((C, S), 0), s_last_tok=f((C, S), 0.0),
+        slots=jnp.broadcast_to(jnp.asarray(EMPTY_SLOT, jnp.int32), (C, S, len(SLOT_FIELDS))),
+        s_last_tok=f((C, S), 0.0),
         q_rid=i((C, Q), -1), q_stage=i((C, Q), 0), q_ready=f((C, Q), INF), q_head=i((C,), 0), q_tail=i((C,), 0),
         rr=i((dims.pools,), 0), cursor=jnp.int32(0), order=jnp.int32(0),
         r_gen=i((N,), 0), r_preempted=b((N,)),

@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..cost.iteration import MixedBatch, decode_stretch_times, iteration_time
-from .state import INF, EngineState, itl_bin_edges
+from ..cost.iteration import MixedBatch, decode_constant, decode_stretch_times, iteration_breakdown
+from .state import EMPTY_SLOT, INF, SLOT_FIELDS, EngineState
 from .tables import ClientTable, EngineDims, Kind, Policy, Reject, Role, Router, Topology, Workload
 
 I32 = jnp.int32
@@ -62,7 +62,7 @@ def client_event_times(dims: EngineDims, cl: ClientTable, st: EngineState, all_a
     """When each client next acts: now if it has a running batch, else when its queue lets it start."""
     C, Q = dims.num_clients, dims.queue
     rows = jnp.arange(C)
-    active = (st.s_rid >= 0).any(axis=1)
+    active = st.slots[:, 0, 0] >= 0  # slots are compacted: a client runs something iff slot 0 is used
     qlen = st.q_tail - st.q_head
     head_ready = st.q_ready[rows, st.q_head % Q]
     full = jnp.minimum(cl.max_num_seqs, dims.slots)
@@ -198,21 +198,26 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
                 t, t_before, t_after, go=True, n_valid=None) -> EngineState:
     """Run client `c`'s next iteration (or decode stretch) starting at time `t`.
 
-    With `go` False the step changes nothing: every write is masked (no `lax.cond`, which under
-    vmap would select between two copies of the whole state on every step)."""
+    A client's running requests occupy its first slots in admission order (the state keeps them
+    compacted), so the most recent admissions (preemption victims) are the last running slots and
+    chunk priority is slot order: no sorting. With `go` False the step changes nothing: every write
+    is masked (no `lax.cond`, which under vmap would select between two copies of the whole state
+    on every step)."""
     go = jnp.asarray(go)
     n_valid = wl.valid.sum() if n_valid is None else n_valid
     S, A, Q, W, K = dims.slots, min(dims.window, dims.slots), dims.queue, dims.stretch, dims.stages
+    N = dims.num_requests
     pol, role, kind = cl.policy[c], cl.role[c], cl.kind[c]
     bs, cap = cl.block_size[c], cl.kv_blocks[c]
     is_llm = kind == Kind.LLM
     exclusive = pol != Policy.CHUNKED
     s_eff = jnp.minimum(cl.max_num_seqs[c], S)
+    sidx = jnp.arange(S, dtype=I32)
 
-    rid, stage, prompt = st.s_rid[c], st.s_stage[c], st.s_prompt[c]
-    done, pf_target, prefill = st.s_done[c], st.s_pf_target[c], st.s_prefill[c]
-    gen, target, order, last_tok = st.s_gen[c], st.s_target[c], st.s_order[c], st.s_last_tok[c]
-    active = rid >= 0
+    rid, stage, prompt, done, pf_target, prefill, gen, target, order = _unpack(st.slots[c])
+    last_tok = st.s_last_tok[c]
+    active = rid >= 0  # a prefix of the slots
+    n_active = active.sum().astype(I32)
     decoding = active & ~prefill & (gen < target)
     held = jnp.where(active, jnp.where(prefill, pf_target, prompt + gen), 0)
     blocks_held = _cdiv(held, bs)
@@ -227,7 +232,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     w_ready = st.q_ready[c, qpos]
     inq = w < qlen
     rdy = jnp.cumprod(inq & (w_ready <= t)).astype(bool)
-    w_rid_s = jnp.clip(w_rid, 0, dims.num_requests - 1)
+    w_rid_s = jnp.clip(w_rid, 0, N - 1)
     w_prompt, w_target = _stage_shape(cl, topo, wl, w_rid_s, w_stage, c)
     gen0 = st.r_gen[w_rid_s]
     pre0 = st.r_preempted[w_rid_s]
@@ -238,12 +243,11 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     w_need = jnp.where(direct, 0, w_pf_target - w_done)
     w_blocks = jnp.where(is_llm, _cdiv(jnp.where(direct, w_prompt + gen0, w_pf_target), bs), 0)
 
-    # ---- preemption (recompute) when the running decodes outgrow the KV cache
+    # ---- admission (tested before preemption: exclusive policies grow decodes only when they do not admit)
     n_dec = decoding.sum()
     run_chunk_cap = jnp.where(prefill, jnp.minimum(pf_target - done, cl.chunk_size[c]), 0)
-    need_blocks = jnp.where(active, grown, 0).sum()
-    # exclusive policies only grow decodes when they do not admit; test admission first
-    n_active = active.sum()
+    grown_act = jnp.where(active, grown, 0)
+    need_blocks = grown_act.sum()
     free_slots = s_eff - n_active
     gate = jnp.where(pol == Policy.CHUNKED, True,
                      jnp.where(pol == Policy.CONTINUOUS, True, n_active == 0))
@@ -270,50 +274,33 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     prefill_iter = exclusive & (n_admit > 0)
     preempting = is_llm & jnp.where(exclusive, ~prefill_iter & (need_blocks > cap), preempt_chunked) & go
 
-    # LIFO victims: latest admitted first, until the grown batch fits
-    vict_key = jnp.where(active, -order, jnp.iinfo(jnp.int32).max)
-    by_recency = jnp.argsort(vict_key)  # most recent first
-    freed = jnp.cumsum(jnp.where(active, grown, 0)[by_recency])
-    excess = need_blocks - cap
-    # victim j (in recency order) is needed while the blocks freed before it do not cover the excess
-    victim_sorted = (freed - jnp.where(active, grown, 0)[by_recency] < excess) & active[by_recency] & preempting
-    victim = jnp.zeros(S, bool).at[by_recency].set(victim_sorted)
+    # ---- preemption (recompute): the most recent admissions (the last running slots) until the grown
+    # batch fits; slot i is a victim while the blocks of the slots after it do not cover the excess
+    later = need_blocks - jnp.cumsum(grown_act)
+    victim = active & (later < need_blocks - cap) & preempting
     n_vict = victim.sum().astype(I32)
-
-    # ---- push victims back to the queue front, oldest first
-    vrank = jnp.argsort(jnp.where(victim, order, jnp.iinfo(jnp.int32).max))  # victims by admission order
-    vpos = jnp.arange(S, dtype=I32)
+    n_keep = n_active - n_vict
+    # victims go back to the queue front in admission order (their slot order)
     new_head = st.q_head[c] - n_vict
-    v_rid = rid[vrank]
-    vslot = jnp.where(vpos < n_vict, (new_head + vpos) % Q, Q)
-    q_rid = st.q_rid.at[c, vslot].set(v_rid, mode="drop")
-    q_stage = st.q_stage.at[c, vslot].set(stage[vrank], mode="drop")
+    vslot = jnp.where(victim, (new_head + sidx - n_keep) % Q, Q)  # out of range: dropped
+    q_rid = st.q_rid.at[c, vslot].set(rid, mode="drop")
+    q_stage = st.q_stage.at[c, vslot].set(stage, mode="drop")
     q_ready = st.q_ready.at[c, vslot].set(jnp.full(S, t, F64), mode="drop")
-    vr = jnp.where(victim, rid, dims.num_requests)
+    vr = jnp.where(victim, rid, N)
     r_gen = st.r_gen.at[vr].set(gen, mode="drop")
     r_preempted = st.r_preempted.at[vr].set(True, mode="drop")
     o_preemptions = st.o_preemptions.at[vr].add(1, mode="drop")
-    rid = jnp.where(victim, -1, rid)
-    active = rid >= 0
-    decoding = decoding & active
-    prefill = prefill & active
 
-    # ---- admit into free slots (admitted entries are a prefix of the window)
-    free_idx = jnp.argsort(active)  # free slots first (stable)
-    tgt = jnp.where(admit, free_idx[:A], S)
-    rid = rid.at[tgt].set(w_rid, mode="drop")
-    stage = stage.at[tgt].set(w_stage, mode="drop")
-    prompt = prompt.at[tgt].set(w_prompt, mode="drop")
-    done = done.at[tgt].set(w_done, mode="drop")
-    pf_target = pf_target.at[tgt].set(w_pf_target, mode="drop")
-    prefill = prefill.at[tgt].set(~direct, mode="drop")
-    gen = gen.at[tgt].set(gen0, mode="drop")
-    target = target.at[tgt].set(w_target, mode="drop")
-    order = order.at[tgt].set(st.order + w, mode="drop")
-    last_tok = last_tok.at[tgt].set(jnp.full(A, t, F64), mode="drop")
-    new_slot = jnp.zeros(S, bool).at[tgt].set(True, mode="drop")
-    q_head = st.q_head.at[c].set(new_head + n_admit.astype(I32))
-    ar = jnp.where(admit, w_rid_s, dims.num_requests)
+    # ---- admit behind the kept slots (never in the same iteration as a preemption)
+    rows = _pack(w_rid, w_stage, w_prompt, w_done, w_pf_target, ~direct, gen0, w_target, st.order + w)
+    kept = _pack(jnp.where(victim, -1, rid), stage, prompt, done, pf_target, prefill, gen, target, order)
+    tgt = jnp.where(admit, n_keep + w, S)
+    rid, stage, prompt, done, pf_target, prefill, gen, target, order = _unpack(
+        kept.at[tgt].set(rows, mode="drop"))
+    new_slot = (sidx >= n_keep) & (sidx < n_keep + n_admit)
+    last_tok = jnp.where(new_slot, t, last_tok)
+    q_head = st.q_head.at[c].set(new_head + n_admit)
+    ar = jnp.where(admit, w_rid_s, N)
     o_stage_start = st.o_stage_start.at[ar, w_stage].min(jnp.full(A, t, F64), mode="drop")
     o_stage_client = st.o_stage_client.at[ar, w_stage].set(c, mode="drop")
     r_preempted = r_preempted.at[ar].set(False, mode="drop")
@@ -324,11 +311,9 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     dec_now = decoding & ~prefill_iter & go
     rem = jnp.where(prefill & active, pf_target - done, 0)
     cap_rem = jnp.where(exclusive, rem, jnp.minimum(rem, cl.chunk_size[c]))
-    pri = jnp.argsort(jnp.where(prefill & active, order, jnp.iinfo(jnp.int32).max))
+    # chunked: prefill chunks in admission (= slot) order under the budget left by the decodes
     budget_all = cl.max_batched_tokens[c] - jnp.where(exclusive, 0, dec_now.sum())
-    cap_sorted = cap_rem[pri]
-    alloc_sorted = jnp.where(exclusive, cap_sorted, jnp.clip(budget_all - _excl_cumsum(cap_sorted), 0, cap_sorted))
-    chunk = jnp.zeros(S, I32).at[pri].set(alloc_sorted.astype(I32))
+    chunk = jnp.where(exclusive, cap_rem, jnp.clip(budget_all - _excl_cumsum(cap_rem), 0, cap_rem))
     # exclusive policies prefill only what they just admitted (whole prompts); others keep going
     chunk = jnp.where(exclusive & ~new_slot, 0, chunk)
     chunk = jnp.where(is_llm, chunk, jnp.where(active, prompt, 0))
@@ -347,9 +332,11 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
                     prefill_last=(done + chunk >= pf_target), prefill_mask=chunk > 0,
                     decode_context=ctx0, decode_mask=dec_now)
     # decode-only batches (always, in both modes) are costed by the stretch function, whose per-j
-    # work is only the attention term; anything else is one general iteration
-    dt_general = iteration_time(params, replica, b0)
-    dt_stretch = decode_stretch_times(params, replica, ctx0, dec_now, js.astype(F64))
+    # work is only the attention term; anything else is one general iteration. One breakdown
+    # serves both: with no prefill rows its non-attention parts are the stretch's constant.
+    parts = iteration_breakdown(params, replica, b0)
+    dt_general = sum(parts.values())
+    dt_stretch = decode_stretch_times(params, replica, ctx0, dec_now, js.astype(F64), const=decode_constant(parts))
     dts_llm = jnp.where(decode_only, dt_stretch, dt_general)
     n_items = jnp.where(active & new_slot, 1, 0).sum()
     dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * chunk.sum()
@@ -358,12 +345,12 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     z = _iteration_normals(st.key, c, st.iters[c] + js)
     dts = dts * jnp.where(sigma > 0, jnp.exp(sigma * z - 0.5 * sigma * sigma), 1.0)
     dts = _quantise_ns(dts)
-    starts = t + jnp.concatenate([jnp.zeros(1, F64), jnp.cumsum(dts)[:-1]])
+    starts = t + _excl_cumsum(dts)
 
     # ---- how many iterations to advance
     rem_dec = jnp.where(dec_now, target - gen, jnp.iinfo(jnp.int32).max)
     min_rem = rem_dec.min()
-    others = jnp.where(active & ~dec_now, blocks_held, 0).sum()
+    others = jnp.where(active & ~dec_now, blocks_held, 0).sum()  # slots keep their index through this step
     # sum over decoding slots of ceil((x + j) / bs), x = prompt + gen + 1, from the sorted residues
     # y mod bs (y = x - 1): ceil((x + j)/bs) = y // bs + 1 + j // bs + [y mod bs >= bs - j mod bs]
     y = prompt + gen
@@ -380,13 +367,12 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     t_end = t + jnp.where(js < k, dts, 0.0).sum()
 
     # ---- inter-token latencies
-    edges = jnp.asarray(itl_bin_edges(dims.itl_bins)[1:-1])
     first_gap = jnp.where(dec_now, starts[0] + dts[0] - last_tok, 0.0)
-    hist = st.itl_hist.at[jnp.searchsorted(edges, first_gap)].add(dec_now.astype(F64))
+    hist = st.itl_hist.at[_itl_bin(first_gap, dims.itl_bins)].add(dec_now.astype(F64))
     n_dec_now = dec_now.sum().astype(F64)
-    later = (js >= 1) & (js < k)
-    hist = hist.at[jnp.searchsorted(edges, dts)].add(jnp.where(later, n_dec_now, 0.0))
-    itl_sum = st.itl_sum + first_gap.sum() + jnp.where(later, dts * n_dec_now, 0.0).sum()
+    later_it = (js >= 1) & (js < k)
+    hist = hist.at[_itl_bin(dts, dims.itl_bins)].add(jnp.where(later_it, n_dec_now, 0.0))
+    itl_sum = st.itl_sum + first_gap.sum() + jnp.where(later_it, dts * n_dec_now, 0.0).sum()
 
     # ---- apply
     gen = gen + jnp.where(dec_now, k, 0)
@@ -396,47 +382,68 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     gen = gen + makes_token.astype(I32)
     prefill = prefill & ~pf_done
     last_tok = jnp.where(dec_now | makes_token, t_end, last_tok)
-    pipe = wl.pipeline[jnp.clip(rid, 0, dims.num_requests - 1)]
+    pipe = wl.pipeline[jnp.clip(rid, 0, N - 1)]
     emits = topo.stage_emits[pipe, stage]
-    ft_idx = jnp.where(makes_token & emits, rid, dims.num_requests)
+    ft_idx = jnp.where(makes_token & emits, rid, N)
     o_first_token = st.o_first_token.at[ft_idx].min(jnp.full(S, t_end, F64), mode="drop")
     finished = active & ~prefill & (gen >= target) & go
-    fr = jnp.where(finished, rid, dims.num_requests)
+    fr = jnp.where(finished, rid, N)
     o_stage_end = st.o_stage_end.at[fr, stage].set(t_end, mode="drop")
+
+    # ---- compact: running slots first, in admission order
+    keep = active & ~finished
+    dest = jnp.where(keep, jnp.cumsum(keep) - 1, S)
+    packed = _pack(rid, stage, prompt, done, pf_target, prefill, gen, target, order)
+    slots_c = jnp.broadcast_to(jnp.asarray(EMPTY_SLOT, I32), packed.shape).at[dest].set(packed, mode="drop")
+    last_c = jnp.zeros(S, F64).at[dest].set(last_tok, mode="drop")
 
     st = eqx_replace(
         st,
         t_free=st.t_free.at[c].set(jnp.where(go, t_end, st.t_free[c])), iters=st.iters.at[c].add(k),
         busy=st.busy.at[c].add(jnp.where(go, t_end - t, 0.0)),
         outstanding=st.outstanding.at[c].add(-jnp.where(finished, prompt + target, 0).sum().astype(F64)),
-        s_rid=st.s_rid.at[c].set(jnp.where(finished, -1, rid)), s_stage=st.s_stage.at[c].set(stage),
-        s_prompt=st.s_prompt.at[c].set(prompt), s_done=st.s_done.at[c].set(done),
-        s_pf_target=st.s_pf_target.at[c].set(pf_target), s_prefill=st.s_prefill.at[c].set(prefill),
-        s_gen=st.s_gen.at[c].set(gen), s_target=st.s_target.at[c].set(target), s_order=st.s_order.at[c].set(order),
-        s_last_tok=st.s_last_tok.at[c].set(last_tok),
+        slots=st.slots.at[c].set(slots_c), s_last_tok=st.s_last_tok.at[c].set(last_c),
         q_rid=q_rid, q_stage=q_stage, q_ready=q_ready, q_head=q_head,
-        order=st.order + n_admit.astype(I32),
+        order=st.order + n_admit,
         r_gen=r_gen, r_preempted=r_preempted,
         o_first_token=o_first_token, o_preemptions=o_preemptions, o_stage_start=o_stage_start,
         o_stage_end=o_stage_end, o_stage_client=o_stage_client,
         itl_hist=hist, itl_sum=itl_sum,
     )
 
-    # ---- hand finished stages on, or complete the request
-    nxt = stage + 1
-    nxt_c = jnp.clip(nxt, 0, K - 1)
-    has_next = finished & (nxt < K) & (topo.pipeline_pools[pipe, nxt_c] >= 0)
-    complete = finished & ~has_next
-    xfer = topo.stage_kv_transfer[pipe, nxt_c]
-    kv_bytes = jnp.where(xfer, (prompt + gen).astype(F64) * cl.kv_bytes_per_token[c], 0.0)
-    hr = jnp.where(has_next, rid, dims.num_requests)
-    st = eqx_replace(st, r_gen=st.r_gen.at[hr].set(jnp.where(xfer, gen, 0), mode="drop"),
-                     r_preempted=st.r_preempted.at[hr].set(False, mode="drop"))
-    st = route_and_push(dims, cl, topo, wl, st, rid, nxt, jnp.full(S, t_end, F64), kv_bytes,
-                        jnp.full(S, c, I32), has_next)
-    cr = jnp.where(complete, rid, dims.num_requests)
+    cr = jnp.where(finished, rid, N)
+    if K > 1:  # hand finished stages on (statically absent when no pipeline has a second stage)
+        nxt = stage + 1
+        nxt_c = jnp.clip(nxt, 0, K - 1)
+        has_next = finished & (nxt < K) & (topo.pipeline_pools[pipe, nxt_c] >= 0)
+        xfer = topo.stage_kv_transfer[pipe, nxt_c]
+        kv_bytes = jnp.where(xfer, (prompt + gen).astype(F64) * cl.kv_bytes_per_token[c], 0.0)
+        hr = jnp.where(has_next, rid, N)
+        st = eqx_replace(st, r_gen=st.r_gen.at[hr].set(jnp.where(xfer, gen, 0), mode="drop"),
+                         r_preempted=st.r_preempted.at[hr].set(False, mode="drop"))
+        st = route_and_push(dims, cl, topo, wl, st, rid, nxt, jnp.full(S, t_end, F64), kv_bytes,
+                            jnp.full(S, c, I32), has_next)
+        cr = jnp.where(finished & ~has_next, rid, N)
     return eqx_replace(st, o_finish=st.o_finish.at[cr].set(t_end, mode="drop"),
-                       completed=st.completed + complete.sum().astype(I32))
+                       completed=st.completed + (cr < N).sum().astype(I32))
+
+
+def _pack(rid, stage, prompt, done, pf_target, prefill, gen, target, order):
+    """Slot columns -> one [rows, F] int32 array (column order: SLOT_FIELDS)."""
+    cols = (rid, stage, prompt, done, pf_target, prefill, gen, target, order)
+    return jnp.stack([jnp.asarray(x).astype(I32) for x in cols], axis=-1)
+
+
+def _unpack(packed):
+    rid, stage, prompt, done, pf_target, prefill, gen, target, order = (packed[..., i] for i in range(len(SLOT_FIELDS)))
+    return rid, stage, prompt, done, pf_target, prefill > 0, gen, target, order
+
+
+def _itl_bin(gap, bins: int):
+    """Bin of an inter-token gap in the log-spaced histogram (edges 1 us .. 100 s, see
+    `itl_bin_edges`): computed from the logarithm instead of a search over the edges."""
+    pos = (jnp.log10(jnp.maximum(gap, 1e-300)) + 6.0) * (bins / 8.0)
+    return jnp.clip(jnp.floor(pos), 0, bins - 1).astype(I32)
 
 
 # ------------------------------------------------------------------------------------------- step
