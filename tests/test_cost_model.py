@@ -313,6 +313,33 @@ def test_params_files_without_the_collective_terms_load_with_them_off():
     S, g, bw, lat = 1e6, 4, 1e9, 1e-6
     assert close(f(collective_time(p, Comm.ALLREDUCE, S, g, bw, lat)), 2 * 0.75 * S / (0.5 * bw) + 2 * 2 * lat)
 
+
+def test_prefill_tile_packs_the_query_heads_of_a_kv_group_by_hand():
+    from mist.cost.iteration import prefill_tile_pairs
+
+    ph = _phys(ideal_params())
+    p = make_params(**{**ph, "m_half": [1e-6, 16.0, 1e-6, 1e-6, 1e-6]})  # prefill tile of 16 tokens
+    # a 4-token prompt: 10 causal pairs, 2.5 keys per query, padded to one 16-key tile; the query
+    # tile holds 16 rows, shared by the q_per_kv query heads of one KV head
+    assert close(f(prefill_tile_pairs(p, 4.0, 10.0)), (4 + 16) * 16)
+    assert close(f(prefill_tile_pairs(p, 4.0, 10.0, 2.0)), (4 + 8) * 16)
+    assert close(f(prefill_tile_pairs(p, 4.0, 10.0, 4.0)), (4 + 4) * 16)
+    assert f(prefill_tile_pairs(p, 0.0, 0.0, 2.0)) == 0.0
+    # the replica carries the GQA group per device (KV heads replicate past tp = kv heads; MLA's
+    # prefill runs one KV head per query head)
+    assert f(lower_replica(DENSE, H100).q_per_kv) == 2.0  # 4 query heads, 2 KV heads
+    assert f(lower_replica(DENSE, H100, tp=2).q_per_kv) == 2.0
+    assert f(lower_replica(DENSE, H100, tp=4).q_per_kv) == 1.0
+    assert f(lower_replica(MLA, H100).q_per_kv) == 1.0
+    # the iteration cost and the per-operator predictor agree (one layer's worth of heads)
+    import equinox as eqx
+
+    rep = lower_replica(DENSE, H100)
+    b = batch(prefill=[4])
+    t2 = f(BD(p, rep, b)["attn_prefill"])
+    t1 = f(BD(p, eqx.tree_at(lambda r: r.q_per_kv, rep, jnp.asarray(1.0, jnp.float32)), b)["attn_prefill"])
+    assert t2 < t1
+
 def test_collective_trivial_cases():
     p = default_params()
     for c in (Comm.ALLREDUCE, Comm.ALLGATHER, Comm.ALLTOALL):

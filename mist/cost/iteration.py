@@ -70,14 +70,15 @@ def _windowed_pairs(q, c, causal, window):
     return pairs, jnp.where(window > 0, jnp.minimum(win, pairs), pairs)
 
 
-def prefill_tile_pairs(params: CostParams, q, pairs):
+def prefill_tile_pairs(params: CostParams, q, pairs, q_per_kv=1.0):
     """Query-key pairs a prefill attention kernel effectively computes: queries are processed in
     tiles and each query tile visits at least one key tile, so short chunks and short contexts cost
-    more than their exact pairs. m_half[ATTN_PREFILL] is that tile (tokens):
-    (q + tile) * max(mean keys per query, tile)."""
+    more than their exact pairs. m_half[ATTN_PREFILL] is that tile (tokens). The query tile packs
+    the q_per_kv query heads that share a KV head (GQA packing), so per query head it pads by
+    tile / q_per_kv rows: (q + tile / q_per_kv) * max(mean keys per query, tile)."""
     tile = params.m_half[Op.ATTN_PREFILL]
     qs = jnp.maximum(q, 1.0)
-    return jnp.where(q > 0, (q + tile) * jnp.maximum(pairs / qs, tile), 0.0)
+    return jnp.where(q > 0, (q + tile / q_per_kv) * jnp.maximum(pairs / qs, tile), 0.0)
 
 
 def decode_tile_keys(params: CostParams, keys):
@@ -185,8 +186,8 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     full_layers = L - rep.sliding_layers
     width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
     # per sequence and layer kind: tile-padded pairs (see prefill_tile_pairs)
-    pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs)
-                    + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs))
+    pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs, rep.q_per_kv)
+                    + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
     pf_flops_eff = jnp.sum(2.0 * width * pf_pairs_eff)
     kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
     pf_bytes = jnp.sum(kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer))

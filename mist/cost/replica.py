@@ -50,6 +50,7 @@ class Replica(eqx.Module):
     heads: Float[Array, ""]  # query heads on one device
     d_qk_prefill: Float[Array, ""]  # per-head dot-product width in prefill
     d_v_prefill: Float[Array, ""]
+    q_per_kv: Float[Array, ""]  # query heads per KV head in prefill (GQA group; 1 for MHA, MLA)
     d_qk_decode: Float[Array, ""]  # MLA decodes in the absorbed (latent) form
     d_v_decode: Float[Array, ""]
     kv_bytes_token_layer: Float[Array, ""]  # KV bytes one token adds in one layer on one device
@@ -133,10 +134,12 @@ def lower_replica(model: ModelSpec, device: Device, precision: Precision | None 
         k[Gemm.KV_UP], layers[Gemm.KV_UP] = model.kv_lora_rank, L
         n[Gemm.O], k[Gemm.O] = h, H * model.v_head_dim / tp
         d_qk_p, d_v_p = qk, model.v_head_dim
+        q_per_kv = 1.0  # prefill runs the expanded form: one key/value head per query head
         d_qk_d, d_v_d = model.kv_lora_rank + model.qk_rope_dim, model.kv_lora_rank
         kv_tok_layer = model.kv_elements_per_token_per_layer * kvb  # latent is replicated per rank
     else:
         kvh_local = max(model.num_kv_heads / tp, 1.0)  # KV heads replicate when tp > kv heads
+        q_per_kv = (H / tp) / kvh_local
         n[Gemm.QKV] = (H / tp + 2 * kvh_local) * model.head_dim
         k[Gemm.QKV] = h
         n[Gemm.O], k[Gemm.O] = h, H * model.head_dim / tp
@@ -159,7 +162,7 @@ def lower_replica(model: ModelSpec, device: Device, precision: Precision | None 
     return Replica(
         gemm_n=f(n), gemm_k=f(k), gemm_layers=f(layers),
         num_layers=f(L), heads=f(H / tp),
-        d_qk_prefill=f(d_qk_p), d_v_prefill=f(d_v_p), d_qk_decode=f(d_qk_d), d_v_decode=f(d_v_d),
+        d_qk_prefill=f(d_qk_p), d_v_prefill=f(d_v_p), q_per_kv=f(q_per_kv), d_qk_decode=f(d_qk_d), d_v_decode=f(d_v_d),
         kv_bytes_token_layer=f(kv_tok_layer), causal=f(1.0 if model.causal else 0.0),
         window=f(model.sliding_window), sliding_layers=f(model.num_sliding_layers),
         moe_layers=f(model.num_moe_layers), experts=f(max(model.num_experts, 1)), top_k=f(model.top_k),
