@@ -351,12 +351,12 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     rem_dec = jnp.where(dec_now, target - gen, jnp.iinfo(jnp.int32).max)
     min_rem = rem_dec.min()
     others = jnp.where(active & ~dec_now, blocks_held, 0).sum()  # slots keep their index through this step
-    # sum over decoding slots of ceil((x + j) / bs), x = prompt + gen + 1, from the sorted residues
+    # sum over decoding slots of ceil((x + j) / bs), x = prompt + gen + 1, from the residues
     # y mod bs (y = x - 1): ceil((x + j)/bs) = y // bs + 1 + j // bs + [y mod bs >= bs - j mod bs]
     y = prompt + gen
     base_blocks = jnp.where(dec_now, y // bs + 1, 0).sum()
-    r_sorted = jnp.sort(jnp.where(dec_now, y % bs, -1))
-    n_crossing = S - jnp.searchsorted(r_sorted, bs - js % bs, side="left")
+    resid = jnp.where(dec_now, y % bs, -1)
+    n_crossing = jnp.sum(resid[None, :] >= (bs - js % bs)[:, None], axis=1)  # [W, S] compares, one kernel
     blocks_j = base_blocks + dec_now.sum() * (js // bs) + n_crossing + others
     pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
     ok = (js < min_rem) & ((blocks_j <= cap) | ~is_llm) & (starts < t_before) & (starts <= t_after) & (starts < pending)
