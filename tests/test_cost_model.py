@@ -342,6 +342,32 @@ def test_prefill_tile_packs_the_query_heads_of_a_kv_group_by_hand():
     t1 = f(BD(pc, eqx.tree_at(lambda r: r.q_per_kv, rep, jnp.asarray(1.0, jnp.float32)), b)["attn_prefill"])
     assert close(t2 / t1, 12 / 20, rel=1e-3)
 
+
+def test_prefill_pair_width_by_hand():
+    # compute-bound prefill of one 4-token prompt on the tiny dense model (4 heads of 16, 2 layers,
+    # no tile padding): each of the 10 causal pairs costs 2 (d_qk + d_v + pair_width) per head
+    from mist.cost.operators import attn_prefill_time
+
+    ph = _phys(ideal_params())
+    rep = lower_replica(DENSE, H100)
+    peak = f(rep.peak_attn)
+    ts = []
+    for w in (1e-6, 32.0):
+        p = make_params(**{**ph, "compute_eff": [1e-4] * 5, "pair_width": [1e-6, w, 1e-6, 1e-6, 1e-6]})
+        t = f(BD(p, rep, batch(prefill=[4]))["attn_prefill"])
+        flops = 2 * 2 * 4 * (16 + 16 + w) * 10  # layers * 2 * heads * (d_qk + d_v + w) * pairs
+        assert close(t, flops / (peak * 1e-4), rel=1e-3)
+        # the per-operator predictor (one layer) charges the same
+        t1 = f(attn_prefill_time(p, 1.0, 4.0, 4.0, 4.0, 2.0, 16.0, peak, 1e30))
+        assert close(t1, flops / 2 / (peak * 1e-4), rel=1e-3)
+        ts.append(t)
+    assert close(ts[1] / ts[0], (32 + 32) / 32, rel=1e-3)
+    # files written before the pair width existed load with it off
+    d = ideal_params().to_dict()
+    for o in d["ops"].values():
+        del o["pair_width"]
+    assert np.allclose(np.asarray(CostParams.from_dict(d).pair_width), 1e-6, rtol=1e-5)
+
 def test_collective_trivial_cases():
     p = default_params()
     for c in (Comm.ALLREDUCE, Comm.ALLGATHER, Comm.ALLTOALL):
@@ -497,7 +523,8 @@ def test_gradient_matches_finite_differences(fd_results):
         assert not bad, (res["model"], bad)
         # every efficiency/overhead leaf that the batch exercises moves the time
         live = {n for n, gi in zip(names, g) if gi != 0.0}
-        for must in ("compute_logit", "memory_logit", "log_overhead", "log_sharpness", "log_cpu_iter"):
+        for must in ("compute_logit", "memory_logit", "log_overhead", "log_sharpness", "log_cpu_iter",
+                     "log_pair_width"):
             assert any(must in n for n in live), (res["model"], must)
         if res["model"].startswith("qwen3"):
             assert sum("comm_bw_logit" in n for n in live) == 4  # all-reduce, all-gather, all-to-all, send/recv

@@ -159,12 +159,12 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
     cm[list(c)] = 1.0
     z = jnp.zeros((), jnp.float32)
     mask = eqx.tree_at(
-        lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness,
+        lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness, p.log_pair_width,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
                    p.log_cpu_per_token, p.step_noise_sigma),
         template,
-        (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
+        (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
          jnp.asarray(cm), z, z, z, z),
     )

@@ -26,7 +26,8 @@ def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads,
     the new ones), on one device holding `heads` query and `kv_heads` KV heads."""
     c = jnp.maximum(kv_len - q_len, 0.0)
     _, pairs = _windowed_pairs(q_len, c, causal, window)
-    flops_eff = batch * 4.0 * heads * head_dim * prefill_tile_pairs(params, q_len, pairs, heads / kv_heads)
+    width = heads * (2.0 * head_dim + params.pair_width[Op.ATTN_PREFILL])  # see iteration_breakdown
+    flops_eff = batch * 2.0 * width * prefill_tile_pairs(params, q_len, pairs, heads / kv_heads)
     kv_tok = 2.0 * kv_heads * head_dim * kv_bytes
     bytes_ = batch * (kv_len * kv_tok + q_len * (2.0 * heads * head_dim * a_bytes + kv_tok))
     return kernel_time(params, Op.ATTN_PREFILL, flops_eff, bytes_, peak_flops, mem_bw, _BIG, 1.0)
