@@ -102,22 +102,11 @@ def decode_attention_time(params: CostParams, rep: Replica, decode_context, dm):
     return kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L)
 
 
-def _clamped_sums(a_sorted, prefix, n, offsets, lo, hi):
-    """For every offset j: the sum over the n valid values of clip(a + j, lo, hi), given the values
-    sorted ascending (invalid ones last) and their prefix sums. O(log S) per offset."""
-    hi = jnp.maximum(hi, lo)
-    m_lo = jnp.minimum(jnp.searchsorted(a_sorted, lo - offsets, side="left"), n)
-    m_hi = jnp.maximum(jnp.minimum(jnp.searchsorted(a_sorted, hi - offsets, side="left"), n), m_lo)
-    mid = prefix[m_hi] - prefix[m_lo]
-    return m_lo * lo + mid + (m_hi - m_lo) * offsets + (n - m_hi) * hi
-
-
 def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decode_mask, offsets, const=None):
     """Times of consecutive decode-only iterations: iteration j decodes every masked sequence with
     its context advanced by offsets[j]. Only attention depends on j, so the rest is costed once,
-    and attention needs only sums of clipped key counts, taken from the sorted contexts in
-    O(log S) per iteration. Per-iteration and stretched engines both cost decode-only iterations
-    through this function, so they agree exactly.
+    and attention needs only sums of clipped key counts per iteration. Per-iteration and
+    stretched engines both cost decode-only iterations through this function, so they agree exactly.
 
     `const` (optional) is `decode_constant(iteration_breakdown(...))` of a batch with the same
     decode rows and no prefill rows, when the caller has evaluated it already (the engine does)."""
@@ -128,14 +117,15 @@ def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decod
                        decode_mask=decode_mask)
         const = decode_constant(iteration_breakdown(params, rep, b))
     offsets = jnp.asarray(offsets, decode_context.dtype)
-    att = jnp.where(decode_mask, decode_context + 1.0, _BIG)
-    a_sorted = jnp.sort(att)
+    # keys read at offset j: sum over decoding sequences of clip(context + 1 + j, tile, window), as one
+    # [J, S] elementwise kernel (cheaper than sorting and searching for the J x S sizes the engine uses)
+    att = (decode_context + 1.0)[..., None, :] + offsets[:, None]
+    on = decode_mask[..., None, :]
     n = jnp.sum(decode_mask)
-    valid = jnp.arange(att.shape[0]) < n
-    prefix = jnp.concatenate([jnp.zeros((1,), att.dtype), jnp.cumsum(jnp.where(valid, a_sorted, 0.0))])
     tile = params.m_half[Op.ATTN_DECODE]
-    keys_full = _clamped_sums(a_sorted, prefix, n, offsets, tile, 10 * _BIG)
-    keys_win = _clamped_sums(a_sorted, prefix, n, offsets, tile, jnp.where(rep.window > 0, rep.window, 10 * _BIG))
+    keys_full = jnp.sum(jnp.where(on, jnp.maximum(att, tile), 0.0), axis=-1)
+    keys_win = jnp.sum(jnp.where(on, jnp.clip(att, tile, jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)),
+                                 0.0), axis=-1)
     L = rep.num_layers
     keys = (L - rep.sliding_layers) * keys_full + rep.sliding_layers * keys_win
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
