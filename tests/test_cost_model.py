@@ -368,6 +368,36 @@ def test_prefill_pair_width_by_hand():
         del o["pair_width"]
     assert np.allclose(np.asarray(CostParams.from_dict(d).pair_width), 1e-6, rtol=1e-5)
 
+
+def test_unsplit_mha_decode_floor_by_hand():
+    # MHA (4 query heads, 4 KV heads of 16, 2 layers, bf16): a decode kernel that does not split
+    # contexts reads the longest sequence's K and V of one head (2 * 16 * 2 = 64 B per key and layer)
+    # in one thread block; at serial_bw = 1 MB/s that floor dominates everything else
+    from mist.cost.iteration import decode_stretch_times
+    from mist.cost.operators import attn_decode_time
+
+    mha = parse_hf_config(cfg_dense(num_key_value_heads=4), name="tiny-mha")
+    ph = _phys(ideal_params())
+    p = make_params(**ph, serial_bw=[1e18, 1e18, 1e6, 1e18, 1e18])
+    rep = lower_replica(mha, H100)
+    assert f(rep.kv_bytes_serial) == 64.0
+    assert f(lower_replica(DENSE, H100).kv_bytes_serial) == 0.0  # GQA kernels split or pack
+    assert f(lower_replica(MLA, H100).kv_bytes_serial) == 0.0
+    t = f(BD(p, rep, batch(decode=[9, 99]))["attn_decode"])  # longest: 100 keys
+    assert close(t, 2 * 100 * 64 / 1e6, rel=1e-3)
+    # without the floor (GQA), the same batch is far faster
+    assert f(BD(p, lower_replica(DENSE, H100), batch(decode=[9, 99]))["attn_decode"]) < 1e-3 * t
+    # the stretch advances the longest context by each offset, as the iteration cost does
+    b = batch(decode=[9, 99])
+    st = np.asarray(decode_stretch_times(p, rep, b.decode_context, b.decode_mask, jnp.asarray([0.0, 5.0])))
+    it = [f(IT(p, rep, batch(decode=[9 + o, 99 + o]))) for o in (0, 5)]
+    assert np.allclose(st, it, rtol=1e-5)
+    assert close(it[1] - it[0], 2 * 5 * 64 / 1e6, rel=1e-3)
+    # the per-operator predictor (one layer) charges the same floor, and none for GQA rows
+    peak = f(rep.peak_attn)
+    assert close(f(attn_decode_time(p, 2.0, 100.0, 4.0, 4.0, 16.0, peak, 1e30)), 100 * 64 / 1e6, rel=1e-3)
+    assert f(attn_decode_time(p, 2.0, 100.0, 4.0, 2.0, 16.0, peak, 1e30)) < 1e-3 * 100 * 64 / 1e6
+
 def test_collective_trivial_cases():
     p = default_params()
     for c in (Comm.ALLREDUCE, Comm.ALLGATHER, Comm.ALLTOALL):
@@ -446,6 +476,7 @@ _GRAD_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
     import numpy as np
+    import equinox as eqx
     from jax.flatten_util import ravel_pytree
     from mist.cost import default_params, lower_replica
     from mist.cost.iteration import iteration_time, make_batch
@@ -456,14 +487,18 @@ _GRAD_SCRIPT = textwrap.dedent("""
         return jax.tree.map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, t)
 
     h100 = get_hardware("h100")
-    names = ["qwen3-30b-a3b", "llama-3.1-8b"]
+    names = ["qwen3-30b-a3b", "llama-3.1-8b", "llama-2-7b"]
     reps = f64(stack([
         # MoE with TP, EP and PP: every collective class is active
         lower_replica(get_model(names[0]), h100, tp=2, ep=2, pp=2),
         # dense, one device: absent MoE/communication terms must not poison gradients
-        lower_replica(get_model(names[1]), h100)]))
+        lower_replica(get_model(names[1]), h100),
+        # MHA: the unsplit decode floor is active (its bandwidth set low enough to matter)
+        lower_replica(get_model(names[2]), h100)]))
     b = f64(make_batch([300, 40], [0, 700], decode_context=[100, 2000, 5000]))
-    x0, unravel = ravel_pytree(f64(default_params()))
+    p0 = default_params()
+    p0 = eqx.tree_at(lambda q: q.log_serial_bw, p0, p0.log_serial_bw.at[2].set(jnp.log(25e9)))
+    x0, unravel = ravel_pytree(f64(p0))
 
     def times(x):
         return jax.vmap(lambda r: iteration_time(unravel(x), r, b))(reps)
@@ -531,6 +566,8 @@ def test_gradient_matches_finite_differences(fd_results):
             for must in ("log_comm_s_half", "comm_beta_logit", "log_comm_overhead"):
                 assert sum(must in n for n in live) == 4, must
             assert sum("log_comm_group_exp" in n for n in live) == 3  # send/recv has no ring factor
+        if res["model"] == "llama-2-7b":
+            assert any("log_serial_bw" in n for n in live)
 
 
 def test_gradients_finite_float32():

@@ -160,15 +160,34 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
     z = jnp.zeros((), jnp.float32)
     mask = eqx.tree_at(
         lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness, p.log_pair_width,
+                   p.log_serial_bw,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
                    p.log_cpu_per_token, p.step_noise_sigma),
         template,
         (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
+         jnp.asarray(om),
          jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
          jnp.asarray(cm), z, z, z, z),
     )
     return jax.tree_util.tree_map(lambda m, t: jnp.asarray(m, t.dtype), mask, template)
+
+
+#: where a fit starts the unsplit-decode bandwidth (B/s per thread block): the default switches
+#: that floor off, and from there its gradient vanishes; the fit keeps it only where rows need it
+SERIAL_BW_START = 25e9
+
+
+def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
+    """The fit's starting point: `p` with the terms that are off by default switched on at a
+    neutral value, so that Adam can move them (only for classes that `prep` has rows of, when
+    given: the others keep their defaults, as the gradient mask leaves them)."""
+    from ..cost.params import Op
+
+    if prep is not None and int(Op.ATTN_DECODE) not in op_classes_present(prep)[0]:
+        return p
+    return eqx.tree_at(lambda q: q.log_serial_bw, p,
+                       p.log_serial_bw.at[int(Op.ATTN_DECODE)].set(jnp.log(jnp.float32(SERIAL_BW_START))))
 
 
 def _as_prep(groups: dict) -> Prepared:
@@ -313,12 +332,12 @@ def fit(device_name: str | Device, table: pd.DataFrame, *, steps: int = 600, lr:
     dev = get_hardware(device_name)
     tab = rows_of(table, dev.name)
     train, test = split(tab, test_percent)
-    p0 = init if init is not None else default_params("cpu" if dev.kind == "cpu" else "gpu")
     defaults = default_params("cpu" if dev.kind == "cpu" else "gpu")
     prep_tr = prepare(dev, train[fit_rows_mask(train)].reset_index(drop=True))
     if not prep_tr.groups:
         raise ValueError(f"fit: no rows of {dev.name} that the cost model can predict "
                          f"(dropped: {prep_tr.dropped or 'none'})")
+    p0 = init if init is not None else fit_start(defaults, prep_tr)
     params, hist = fit_prepared(p0, prep_tr, steps=steps, lr=lr, balance=balance)
     pr_te_0 = predict(defaults, dev, test, report=False)
     pr_te_1 = predict(params, dev, test, report=False)

@@ -99,7 +99,21 @@ def decode_attention_time(params: CostParams, rep: Replica, decode_context, dm):
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
     dc_flops = jnp.sum(2.0 * width_d * keys, axis=-1)
     dc_bytes = jnp.sum(keys * rep.kv_bytes_token_layer + L * dm * width_d * rep.act_bytes, axis=-1)
-    return kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L)
+    # MHA kernels that do not split the context: the longest sequence's thread block (see
+    # Replica.kv_bytes_serial, serial_keys)
+    serial = serial_keys(params, rep, jnp.max(jnp.where(dm > 0, att, -_BIG), axis=-1)) * rep.kv_bytes_serial
+    return kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
+                       serial_bytes=serial)
+
+
+def serial_keys(params: CostParams, rep: Replica, longest):
+    """Keys, summed over the layers, that the thread block of the longest decoding sequence
+    (`longest` keys incl. the new token) reads when the kernel does not split contexts: at least a
+    KV tile per layer, sliding-window layers capped at the window. Times rep.kv_bytes_serial."""
+    tile = params.m_half[Op.ATTN_DECODE]
+    full = jnp.maximum(longest, tile)
+    win = jnp.clip(longest, tile, jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG))
+    return (rep.num_layers - rep.sliding_layers) * full + rep.sliding_layers * win
 
 
 def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decode_mask, offsets, const=None):
@@ -131,7 +145,10 @@ def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decod
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
     dc_flops = 2.0 * width_d * keys
     dc_bytes = keys * rep.kv_bytes_token_layer + L * n * width_d * rep.act_bytes
-    return const + kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L)
+    longest = jnp.max(jnp.where(decode_mask, decode_context + 1.0, -_BIG), axis=-1)[..., None] + offsets
+    serial = serial_keys(params, rep, longest) * rep.kv_bytes_serial
+    return const + kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
+                               serial_bytes=serial)
 
 
 def decode_constant(parts: dict) -> Float[Array, ""]:

@@ -39,10 +39,14 @@ def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_di
     MLA: pass head_dim = latent+rope width, d_v = latent width and kv_tok_bytes explicitly."""
     d_v = head_dim if d_v is None else d_v
     kv_tok = 2.0 * kv_heads * head_dim * kv_bytes if kv_tok_bytes is None else kv_tok_bytes
+    # MHA (one query head per KV head): the kernel runs one thread block per (sequence, head) over
+    # the whole context (see Replica.kv_bytes_serial); MLA and GQA split or pack instead
+    serial_tok = jnp.where(heads <= kv_heads, 2.0 * head_dim * kv_bytes, 0.0) if kv_tok_bytes is None else 0.0
     keys = decode_tile_keys(params, kv_len)
     flops = batch * 2.0 * heads * (head_dim + d_v) * keys
     bytes_ = batch * (keys * kv_tok + heads * (head_dim + d_v) * a_bytes)
-    return kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, _BIG, 1.0)
+    return kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, _BIG, 1.0,
+                       serial_bytes=keys * serial_tok)
 
 
 def moe_time(params: CostParams, num_tokens, hidden, inter, num_experts, top_k, peak_flops, mem_bw,

@@ -57,6 +57,9 @@ class CostParams(eqx.Module):
         keys per query to it, decode reads at least that many keys per sequence
       log_overhead: log seconds of fixed per-kernel time (launch, tail, synchronisation)
       log_sharpness: log of the exponent p of the smooth max of compute and memory time
+      log_serial_bw: decode attention only: log bytes/s one thread block streams when the kernel
+        runs one block per (sequence, KV head) without splitting the context (FlashAttention-2 on
+        MHA models): a floor of (longest context) x (one head's KV bytes per token) / serial_bw
       log_pair_width: prefill attention only: log of the work per query-key pair and head that does not
         scale with the head width (softmax, masking, rescaling), in head-width units: a pair costs
         2 (d_qk + d_v + pair_width) FLOPs at the kernel's efficiency instead of 2 (d_qk + d_v)
@@ -83,6 +86,7 @@ class CostParams(eqx.Module):
     log_overhead: Float[Array, "ops"]
     log_sharpness: Float[Array, "ops"]
     log_pair_width: Float[Array, "ops"]
+    log_serial_bw: Float[Array, "ops"]
     comm_bw_logit: Float[Array, "comms"]
     log_comm_latency_scale: Float[Array, "comms"]
     log_comm_s_half: Float[Array, "comms"]
@@ -118,6 +122,10 @@ class CostParams(eqx.Module):
     @property
     def pair_width(self):
         return jnp.exp(self.log_pair_width)
+
+    @property
+    def serial_bw(self):
+        return jnp.exp(self.log_serial_bw)
 
     @property
     def comm_bw_eff(self):
@@ -167,6 +175,7 @@ class CostParams(eqx.Module):
                 "overhead_us": f(self.overhead[op] * 1e6),
                 "sharpness": f(self.sharpness[op]),
                 "pair_width": f(self.pair_width[op]),
+                "serial_bw_gbs": f(self.serial_bw[op] * 1e-9),
             } for op in Op},
             "comms": {c.name.lower(): {
                 "bw_eff": f(self.comm_bw_eff[c]),
@@ -200,6 +209,7 @@ class CostParams(eqx.Module):
                 overhead_s=[ops[o.name.lower()]["overhead_us"] * 1e-6 for o in Op],
                 sharpness=[ops[o.name.lower()]["sharpness"] for o in Op],
                 pair_width=[ops[o.name.lower()].get("pair_width", PAIR_WIDTH_OFF) for o in Op],
+                serial_bw=[ops[o.name.lower()].get("serial_bw_gbs", SERIAL_BW_OFF * 1e-9) * 1e9 for o in Op],
                 comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
                 comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
                 comm_s_half=cget("s_half_bytes", COMM_OFF["s_half"]),
@@ -225,14 +235,16 @@ def jax_sigmoid(x):
 COMM_OFF = {"s_half": 1e-12, "beta": 0.5, "group_exp": 1.0, "overhead_s": 1e-12}
 #: pair width that switches the per-pair attention work off (files written before it existed)
 PAIR_WIDTH_OFF = 1e-6
+#: serial (unsplit) decode bandwidth that switches its floor off (B/s)
+SERIAL_BW_OFF = 1e18
 
 
 def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
                 comm_latency_scale, cpu_iter_s, cpu_per_seq_s, cpu_per_token_s,
                 step_noise_sigma=0.0, comm_s_half=None, comm_beta=None, comm_group_exp=None,
-                comm_overhead_s=None, pair_width=None) -> CostParams:
+                comm_overhead_s=None, pair_width=None, serial_bw=None) -> CostParams:
     """Build CostParams from physical values (collective terms and the attention pair width left
-    out are switched off, see COMM_OFF and PAIR_WIDTH_OFF)."""
+    out are switched off, see COMM_OFF, PAIR_WIDTH_OFF and SERIAL_BW_OFF)."""
     full = lambda v, k: [COMM_OFF[k]] * NUM_COMMS if v is None else v  # noqa: E731
     a = lambda x: jnp.asarray(np.asarray(x, dtype=np.float32))  # noqa: E731
     clip = lambda p: np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)  # noqa: E731
@@ -244,6 +256,7 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
         log_overhead=a(np.log(pos(overhead_s))),
         log_sharpness=a(np.log(pos(sharpness))),
         log_pair_width=a(np.log(pos([PAIR_WIDTH_OFF] * NUM_OPS if pair_width is None else pair_width))),
+        log_serial_bw=a(np.log(pos([SERIAL_BW_OFF] * NUM_OPS if serial_bw is None else serial_bw))),
         comm_bw_logit=a(_logit(clip(comm_bw_eff))),
         log_comm_latency_scale=a(np.log(pos(comm_latency_scale))),
         log_comm_s_half=a(np.log(pos(full(comm_s_half, "s_half")))),
@@ -290,6 +303,8 @@ def default_params(kind: str = "gpu") -> CostParams:
         comm_s_half=[4e6] * NUM_COMMS, comm_beta=[0.45] * NUM_COMMS, comm_group_exp=[0.6] * NUM_COMMS,
         comm_overhead_s=[3e-6] * NUM_COMMS,
         pair_width=[PAIR_WIDTH_OFF, 64.0, PAIR_WIDTH_OFF, PAIR_WIDTH_OFF, PAIR_WIDTH_OFF],
+        # unsplit decode floor off by default (A100's FlashAttention-2 on MHA fits ~23 GB/s per
+        # thread block; H100's FlashAttention-3 splits); fits start it at 25 GB/s, see fit()
     )
 
 

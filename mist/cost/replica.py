@@ -54,6 +54,9 @@ class Replica(eqx.Module):
     d_qk_decode: Float[Array, ""]  # MLA decodes in the absorbed (latent) form
     d_v_decode: Float[Array, ""]
     kv_bytes_token_layer: Float[Array, ""]  # KV bytes one token adds in one layer on one device
+    # KV bytes per token and layer that one decode thread block reads when the kernel does not split
+    # the context (MHA: one head's K and V; 0 for GQA and MLA, whose kernels split or pack heads)
+    kv_bytes_serial: Float[Array, ""]
     causal: Float[Array, ""]  # 1 decoder, 0 bidirectional encoder
     window: Float[Array, ""]  # sliding window (tokens), 0 = none
     sliding_layers: Float[Array, ""]
@@ -135,11 +138,13 @@ def lower_replica(model: ModelSpec, device: Device, precision: Precision | None 
         n[Gemm.O], k[Gemm.O] = h, H * model.v_head_dim / tp
         d_qk_p, d_v_p = qk, model.v_head_dim
         q_per_kv = 1.0  # prefill runs the expanded form: one key/value head per query head
+        kv_serial = 0.0
         d_qk_d, d_v_d = model.kv_lora_rank + model.qk_rope_dim, model.kv_lora_rank
         kv_tok_layer = model.kv_elements_per_token_per_layer * kvb  # latent is replicated per rank
     else:
         kvh_local = max(model.num_kv_heads / tp, 1.0)  # KV heads replicate when tp > kv heads
         q_per_kv = (H / tp) / kvh_local
+        kv_serial = 2 * model.head_dim * kvb if (q_per_kv <= 1.0 and model.kind == "decoder") else 0.0
         n[Gemm.QKV] = (H / tp + 2 * kvh_local) * model.head_dim
         k[Gemm.QKV] = h
         n[Gemm.O], k[Gemm.O] = h, H * model.head_dim / tp
@@ -163,7 +168,7 @@ def lower_replica(model: ModelSpec, device: Device, precision: Precision | None 
         gemm_n=f(n), gemm_k=f(k), gemm_layers=f(layers),
         num_layers=f(L), heads=f(H / tp),
         d_qk_prefill=f(d_qk_p), d_v_prefill=f(d_v_p), q_per_kv=f(q_per_kv), d_qk_decode=f(d_qk_d), d_v_decode=f(d_v_d),
-        kv_bytes_token_layer=f(kv_tok_layer), causal=f(1.0 if model.causal else 0.0),
+        kv_bytes_token_layer=f(kv_tok_layer), kv_bytes_serial=f(kv_serial), causal=f(1.0 if model.causal else 0.0),
         window=f(model.sliding_window), sliding_layers=f(model.num_sliding_layers),
         moe_layers=f(model.num_moe_layers), experts=f(max(model.num_experts, 1)), top_k=f(model.top_k),
         expert_inter=f(model.moe_intermediate * ep / tp), expert_mats=f(model.mlp_matrices),

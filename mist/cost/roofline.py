@@ -29,16 +29,21 @@ def smooth_max(a, b, p):
     return jnp.where(on, m * jnp.power(s, 1.0 / p), 0.0)
 
 
-def kernel_time(params: CostParams, op: int, flops, bytes_, peak_flops, bandwidth, rows, kernels):
+def kernel_time(params: CostParams, op: int, flops, bytes_, peak_flops, bandwidth, rows, kernels,
+                serial_bytes=None):
     """Time (s) of `kernels` launches of operator class `op` doing `flops` and moving `bytes_` in all.
 
     `rows` is the M dimension that decides how well a kernel fills the machine (tokens for a
     GEMM, query tokens for attention); `kernels` the number of launches (0 when absent).
+    `serial_bytes` (optional): bytes that one thread block streams alone (a kernel that cannot
+    split its longest piece of work); their time at params.serial_bw[op] floors the memory time.
     """
     rows = jnp.maximum(rows, _TINY)
     eff_c = params.compute_eff[op] * rows / (rows + params.m_half[op])
     t_c = flops / (peak_flops * eff_c)
     t_m = bytes_ / (bandwidth * params.memory_eff[op])
+    if serial_bytes is not None:
+        t_m = smooth_max(t_m, serial_bytes / params.serial_bw[op], params.sharpness[op])
     active = (flops + bytes_) > 0
     return jnp.where(active, smooth_max(t_c, t_m, params.sharpness[op]) + kernels * params.overhead[op], 0.0)
 
