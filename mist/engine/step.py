@@ -336,7 +336,11 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # serves both: with no prefill rows its non-attention parts are the stretch's constant.
     parts = iteration_breakdown(params, replica, b0)
     dt_general = sum(parts.values())
-    dt_stretch = decode_stretch_times(params, replica, ctx0, dec_now, js.astype(F64), const=decode_constant(parts))
+    # the decode rows, permuted by one sort on the KV-block residues (see below): the [W, S] kernels of the
+    # stretch then read materialised rows instead of recomputing the whole slot logic per element
+    y = prompt + gen
+    resid_p, ctx_p, dec_p = _materialise(jnp.where(dec_now, y % bs, -1).astype(I32), ctx0, dec_now.astype(I32))
+    dt_stretch = decode_stretch_times(params, replica, ctx_p, dec_p > 0, js.astype(F64), const=decode_constant(parts))
     dts_llm = jnp.where(decode_only, dt_stretch, dt_general)
     n_items = jnp.where(active & new_slot, 1, 0).sum()
     dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * chunk.sum()
@@ -353,10 +357,8 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     others = jnp.where(active & ~dec_now, blocks_held, 0).sum()  # slots keep their index through this step
     # sum over decoding slots of ceil((x + j) / bs), x = prompt + gen + 1, from the residues
     # y mod bs (y = x - 1): ceil((x + j)/bs) = y // bs + 1 + j // bs + [y mod bs >= bs - j mod bs]
-    y = prompt + gen
     base_blocks = jnp.where(dec_now, y // bs + 1, 0).sum()
-    resid = jnp.where(dec_now, y % bs, -1)
-    n_crossing = jnp.sum(resid[None, :] >= (bs - js % bs)[:, None], axis=1)  # [W, S] compares, one kernel
+    n_crossing = jnp.sum(resid_p[None, :] >= (bs - js % bs).astype(I32)[:, None], axis=1)
     blocks_j = base_blocks + dec_now.sum() * (js // bs) + n_crossing + others
     pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
     ok = (js < min_rem) & ((blocks_j <= cap) | ~is_llm) & (starts < t_before) & (starts <= t_after) & (starts < pending)
@@ -426,6 +428,13 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
         cr = jnp.where(finished & ~has_next, rid, N)
     return eqx_replace(st, o_finish=st.o_finish.at[cr].set(t_end, mode="drop"),
                        completed=st.completed + (cr < N).sum().astype(I32))
+
+
+def _materialise(*xs):
+    """The same vectors, computed once into buffers: written by a scatter (XLA does not fuse one into its
+    consumers), so that a broadcasting [W, S] kernel reading them does not recompute them per element."""
+    idx = jnp.arange(xs[0].shape[0], dtype=I32)
+    return tuple(jnp.zeros_like(x).at[idx].set(x, unique_indices=True, indices_are_sorted=True) for x in xs)
 
 
 def _pack(rid, stage, prompt, done, pf_target, prefill, gen, target, order):
