@@ -133,13 +133,16 @@ def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decod
     offsets = jnp.asarray(offsets, decode_context.dtype)
     # keys read at offset j: sum over decoding sequences of clip(context + 1 + j, tile, window), as one
     # [J, S] elementwise kernel (cheaper than sorting and searching for the J x S sizes the engine uses)
-    att = (decode_context + 1.0)[..., None, :] + offsets[:, None]
-    on = decode_mask[..., None, :]
+    # (the engine passes materialised rows, see mist.engine.step._materialise: computed inside this fused
+    # [J, S] kernel, they would be recomputed, with everything they derive from, for every element)
     n = jnp.sum(decode_mask)
+    a0 = jnp.where(decode_mask, decode_context + 1.0, -jnp.inf)
+    on = (a0 > -jnp.inf)[..., None, :]
+    att = a0[..., None, :] + offsets[:, None]
     tile = params.m_half[Op.ATTN_DECODE]
+    hi = jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)
     keys_full = jnp.sum(jnp.where(on, jnp.maximum(att, tile), 0.0), axis=-1)
-    keys_win = jnp.sum(jnp.where(on, jnp.clip(att, tile, jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)),
-                                 0.0), axis=-1)
+    keys_win = jnp.sum(jnp.where(on, jnp.clip(att, tile, hi), 0.0), axis=-1)
     L = rep.num_layers
     keys = (L - rep.sliding_layers) * keys_full + rep.sliding_layers * keys_win
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
