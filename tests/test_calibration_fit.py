@@ -152,3 +152,50 @@ def test_curated_traces_predictable():
     p = predict(default_params(), get_hardware(DEV), sub, report=False)
     ok = np.isfinite(p)
     assert ok.mean() > 0.9 and (p[ok] > 0).all()
+
+
+def test_transfer_never_copies_cpu_terms_and_keeps_an_own_end_to_end_fit(tmp_path):
+    import json
+
+    from mist.calibration.fit import transfer_params
+
+    # a measured source whose CPU terms were fitted end to end (to its own serving stack)
+    src = make_params(**{**_phys_of(default_params()), "cpu_iter_s": 2e-3, "cpu_per_seq_s": 1e-4})
+    save_params(src, "H100-SXM", {"origin": "fitted on H100-SXM operator measurements"}, tmp_path)
+    # a device without measurements and without an end-to-end fit: this kind's defaults, not the source's
+    p, meta = transfer_params("B200", "H100-SXM", directory=tmp_path)
+    assert meta["transferred_from"] == "H100-SXM"
+    assert np.isclose(float(p.cpu_iter), float(default_params().cpu_iter))
+    assert np.allclose(np.asarray(p.compute_logit), np.asarray(src.compute_logit))
+    # a device whose file holds its own end-to-end CPU fit keeps it, origin and variants included
+    own = {"iter_us": 1500.0, "per_seq_us": 50.0, "per_token_us": 0.05, "origin": "e2e-fitted on X",
+           "variants": {"trtllm": {"iter_us": 100.0, "per_seq_us": 1.0, "per_token_us": 0.001}}}
+    d = json.loads((tmp_path / "B200.json").read_text())
+    d["params"]["cpu"] = own
+    (tmp_path / "B200.json").write_text(json.dumps(d))
+    p, _ = transfer_params("B200", "H100-SXM", directory=tmp_path)
+    assert np.isclose(float(p.cpu_iter), 1.5e-3, rtol=1e-5)
+    assert json.loads((tmp_path / "B200.json").read_text())["params"]["cpu"] == own
+    assert np.isclose(float(load_params_from(tmp_path / "B200.json").cpu_per_seq), 50e-6, rtol=1e-5)
+
+
+def _phys_of(p):
+    d = p.to_dict()
+    ops, comms = d["ops"], d["comms"]
+    from mist.cost.params import Comm, Op
+
+    return dict(compute_eff=[ops[o.name.lower()]["compute_eff"] for o in Op],
+                memory_eff=[ops[o.name.lower()]["memory_eff"] for o in Op],
+                m_half=[ops[o.name.lower()]["m_half_tokens"] for o in Op],
+                overhead_s=[ops[o.name.lower()]["overhead_us"] * 1e-6 for o in Op],
+                sharpness=[ops[o.name.lower()]["sharpness"] for o in Op],
+                comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
+                comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
+                cpu_iter_s=d["cpu"]["iter_us"] * 1e-6, cpu_per_seq_s=d["cpu"]["per_seq_us"] * 1e-6,
+                cpu_per_token_s=d["cpu"]["per_token_us"] * 1e-6)
+
+
+def load_params_from(path):
+    import json
+
+    return CostParams.from_dict(json.loads(path.read_text())["params"])

@@ -462,11 +462,23 @@ def transfer_params(device_name: str, source: str | None = None, *, directory=No
         params = CostParams.from_dict(json.loads(p.read_text())["params"], str(p))
     else:
         params, _ = load_params(source)
-    if dev.kind != "gpu":
-        # operator timings never inform the CPU-side engine terms: keep this kind's defaults there
-        d = default_params("cpu" if dev.kind == "cpu" else "gpu")
-        params = eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token),
-                             params, (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token))
+    # CPU-side engine terms: operator timings never inform them, and the source's may be fitted end
+    # to end to its own serving stack, so never copy them: this device's own end-to-end fit when its
+    # file has one (experiments/validate_e2e.py writes it), else this kind's defaults
+    import json
+
+    own_cpu = None
+    own = directory / f"{dev.name}.json"
+    if own.exists():
+        c = json.loads(own.read_text()).get("params", {}).get("cpu", {})
+        if str(c.get("origin", "")).startswith("e2e-fitted") or "variants" in c:
+            own_cpu = c
+    d = default_params("cpu" if dev.kind == "cpu" else "gpu")
+    cpu = (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token)
+    if own_cpu is not None:
+        cpu = tuple(jnp.asarray(np.log(own_cpu[k] * 1e-6), jnp.float32)
+                    for k in ("iter_us", "per_seq_us", "per_token_us"))
+    params = eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token), params, cpu)
     meta = {
         "origin": f"transferred from {source} (uncalibrated)",
         "transferred_from": source,
@@ -476,7 +488,11 @@ def transfer_params(device_name: str, source: str | None = None, *, directory=No
         "date": _dt.date.today().isoformat(),
     }
     if save:
-        save_params(params, dev.name, meta, directory)
+        out = save_params(params, dev.name, meta, directory)
+        if own_cpu is not None:  # keep the block as written (its origin and serving-stack variants)
+            j = json.loads(out.read_text())
+            j["params"]["cpu"] = own_cpu
+            out.write_text(json.dumps(j, indent=2) + "\n")
     return params, meta
 
 
