@@ -28,6 +28,21 @@ def _excl_cumsum(x):
     return jnp.cumsum(x) - x
 
 
+def _prefix_true(x):
+    """x[0] & ... & x[i] for every i (a cumulative product of booleans), as a compare against the first
+    False: one reduction instead of a scan (a cumulative sum costs several kernels on XLA CPU)."""
+    i = jnp.arange(x.shape[-1], dtype=I32)
+    return i < jnp.min(jnp.where(x, x.shape[-1], i), axis=-1, keepdims=True)
+
+
+def _rank_among_equal(key, mask):
+    """For every item: how many earlier items (lower index) have the same key, counting masked items
+    only (an [M, M] compare: cheaper than a one-hot cumulative sum for the window sizes used)."""
+    i = jnp.arange(key.shape[0])
+    same = (key[None, :] == key[:, None]) & mask[None, :] & (i[None, :] < i[:, None])
+    return jnp.sum(same, axis=1).astype(I32)
+
+
 def _fmix32(x):
     """MurmurHash3's 32-bit finaliser: a cheap, well-mixed integer hash."""
     x = x ^ (x >> 16)
@@ -98,21 +113,27 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
     pool = topo.pipeline_pools[pipe, jnp.clip(stage, 0, dims.stages - 1)]
     has_pool = (pool >= 0) & (stage < dims.stages)
     pool_s = jnp.clip(pool, 0, dims.pools - 1)
-    members = topo.pool_members[pool_s] & cl.enabled[None, :]  # [M, C]
+    # per pool: each member's position among the members (index order) and among them by outstanding
+    # tokens (ties by index), as [P, C, C] compares (no sorting)
+    pm = topo.pool_members & cl.enabled[None, :]  # [P, C]
+    ci = jnp.arange(C)
+    earlier = ci[None, :] < ci[:, None]  # [c, c']: c' comes before c
+    pos_in_pool = jnp.sum(pm[:, None, :] & earlier[None], axis=2)  # [P, C]
+    load = st.outstanding
+    lighter = (load[None, :] < load[:, None]) | ((load[None, :] == load[:, None]) & earlier)  # [c, c']
+    rank_in_pool = jnp.sum(pm[:, None, :] & lighter[None], axis=2)  # [P, C]
+    members = pm[pool_s]  # [M, C]
     n_mem = members.sum(axis=1)
     live = mask & has_pool & (n_mem > 0)
     # rank of each item among the items going to the same pool in this step
-    pool_hot = (pool_s[:, None] == jnp.arange(dims.pools)[None, :]) & live[:, None]  # [M, P]
-    rank = jnp.sum((jnp.cumsum(pool_hot, axis=0) - pool_hot) * pool_hot, axis=1)
+    rank = _rank_among_equal(pool_s, live)
     router = topo.router[pool_s]
     nm = jnp.maximum(n_mem, 1)
     k_rr = (st.rr[pool_s] + rank) % nm
     k_pfx = jnp.where(wl.prefix_key[rid_s] >= 0, wl.prefix_key[rid_s] % nm, k_rr)
-    member_pos = jnp.cumsum(members, axis=1) - 1  # position of each client among its pool's members
     k = jnp.where(router == Router.PREFIX_AFFINITY, k_pfx, k_rr)
-    by_index = jnp.argmax(members & (member_pos == k[:, None]), axis=1)
-    pool_load = jnp.where(topo.pool_members & cl.enabled[None, :], st.outstanding[None, :], INF)  # [P, C]
-    by_load = jnp.argsort(pool_load, axis=1)[pool_s, rank % nm]
+    by_index = jnp.argmax(members & (pos_in_pool[pool_s] == k[:, None]), axis=1)
+    by_load = jnp.argmax(members & (rank_in_pool[pool_s] == (rank % nm)[:, None]), axis=1)
     client = jnp.where(router == Router.LEAST_OUTSTANDING, by_load, by_index).astype(I32)
     uses_rr = (router == Router.ROUND_ROBIN) | ((router == Router.PREFIX_AFFINITY) & (wl.prefix_key[rid_s] < 0))
     rr = st.rr.at[pool_s].add(jnp.where(live & uses_rr, 1, 0).astype(I32))
@@ -130,8 +151,7 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
                        jnp.where(ctx_bad, Reject.CONTEXT_LENGTH, jnp.where(kv_bad, Reject.KV_CAPACITY,
                                  jnp.where(tok_bad, Reject.BATCH_TOKENS, Reject.NONE))))
     ok0 = mask & (reason == Reject.NONE)
-    client_hot = (client[:, None] == jnp.arange(C)[None, :]) & ok0[:, None]  # [M, C]
-    crank = jnp.sum((jnp.cumsum(client_hot, axis=0) - client_hot) * client_hot, axis=1)
+    crank = _rank_among_equal(client, ok0)
     pos = st.q_tail[client] + crank
     full = pos - st.q_head[client] >= Q
     reason = jnp.where(ok0 & full, Reject.QUEUE_FULL, reason).astype(I32)
@@ -179,7 +199,7 @@ def arrival_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload
     multi = (topo.pipeline_pools[:, 1:] >= 0).any() if dims.stages > 1 else False
     t_lim = jnp.where(multi, t_first, jnp.maximum(t_limit, t_first))
     due = (idx < n_valid) & (wl.arrival[idx_s] <= t_lim)
-    due = jnp.cumprod(due).astype(bool) & enabled
+    due = _prefix_true(due) & enabled
     st = route_and_push(dims, cl, topo, wl, st, idx, jnp.zeros(A, I32), wl.arrival[idx_s], jnp.zeros(A, F64),
                         jnp.full(A, -1, I32), due)
     return eqx_replace(st, cursor=st.cursor + due.sum().astype(I32))
@@ -231,7 +251,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     w_stage = st.q_stage[c, qpos]
     w_ready = st.q_ready[c, qpos]
     inq = w < qlen
-    rdy = jnp.cumprod(inq & (w_ready <= t)).astype(bool)
+    rdy = _prefix_true(inq & (w_ready <= t))
     w_rid_s = jnp.clip(w_rid, 0, N - 1)
     w_prompt, w_target = _stage_shape(cl, topo, wl, w_rid_s, w_stage, c)
     gen0 = st.r_gen[w_rid_s]
@@ -268,7 +288,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     kv_ok = (jnp.cumsum(w_blocks) <= free_blocks) | ~is_llm
     slot_ok = w < free_slots
     preempt_chunked = (~exclusive) & (need_blocks > cap)
-    admit = jnp.cumprod(rdy & tok_ok & kv_ok & slot_ok).astype(bool) & gate & ~preempt_chunked & go
+    admit = _prefix_true(rdy & tok_ok & kv_ok & slot_ok) & gate & ~preempt_chunked & go
     n_admit = admit.sum().astype(I32)
     # an exclusive policy that admits runs a prefill-only iteration; otherwise it decodes
     prefill_iter = exclusive & (n_admit > 0)
@@ -364,7 +384,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     ok = (js < min_rem) & ((blocks_j <= cap) | ~is_llm) & (starts < t_before) & (starts <= t_after) & (starts < pending)
     ok = ok & (decode_only | (js == 0))
     ok = ok.at[0].set(True)
-    k = jnp.cumprod(ok).sum().astype(I32)
+    k = _prefix_true(ok).sum().astype(I32)
     k = jnp.where(go, k, 0)
     t_end = t + jnp.where(js < k, dts, 0.0).sum()
 
