@@ -45,8 +45,7 @@ class EngineState(eqx.Module):
     slots: Int[Array, "c s f"]
     s_last_tok: Float[Array, "c s"]  # time of the slot's last token (inter-token latency)
     # --- queues [C, Q], ring buffers
-    q_rid: Int[Array, "c q"]
-    q_stage: Int[Array, "c q"]
+    q_item: Int[Array, "c q"]  # request id * stages + stage (-1 empty): one array, one write per push
     q_ready: Float[Array, "c q"]  # when the entry may be admitted (arrival, or end of transfer)
     q_head: Int[Array, "c"]
     q_tail: Int[Array, "c"]
@@ -82,7 +81,7 @@ def init_state(dims: EngineDims, key) -> EngineState:
         t_free=f((C,), 0.0), iters=i((C,), 0), busy=f((C,), 0.0), outstanding=f((C,), 0.0),
         slots=jnp.broadcast_to(jnp.asarray(EMPTY_SLOT, jnp.int32), (C, S, len(SLOT_FIELDS))),
         s_last_tok=f((C, S), 0.0),
-        q_rid=i((C, Q), -1), q_stage=i((C, Q), 0), q_ready=f((C, Q), INF), q_head=i((C,), 0), q_tail=i((C,), 0),
+        q_item=i((C, Q), -1), q_ready=f((C, Q), INF), q_head=i((C,), 0), q_tail=i((C,), 0),
         rr=i((dims.pools,), 0), cursor=jnp.int32(0), order=jnp.int32(0),
         r_gen=i((N,), 0), r_preempted=b((N,)),
         o_first_token=f((N,), INF), o_finish=f((N,), INF), o_preemptions=i((N,), 0), o_reject=i((N,), 0),

@@ -167,13 +167,12 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
     ready = t_ready + hop
     slot = jnp.where(ok, pos % Q, Q)  # out-of-range index: dropped by mode="drop"
     cidx = jnp.where(ok, client, C)
-    q_rid = st.q_rid.at[cidx, slot].set(rid.astype(I32), mode="drop")
-    q_stage = st.q_stage.at[cidx, slot].set(stage.astype(I32), mode="drop")
+    q_item = st.q_item.at[cidx, slot].set((rid * dims.stages + stage).astype(I32), mode="drop")
     q_ready = st.q_ready.at[cidx, slot].set(ready, mode="drop")
     q_tail = st.q_tail.at[cidx].add(1, mode="drop")
     outstanding = st.outstanding.at[cidx].add((prompt + target).astype(F64), mode="drop")
     ridx = jnp.where(rejected, rid_s, dims.num_requests)
-    return eqx_replace(st, q_rid=q_rid, q_stage=q_stage, q_ready=q_ready, q_tail=q_tail, outstanding=outstanding,
+    return eqx_replace(st, q_item=q_item, q_ready=q_ready, q_tail=q_tail, outstanding=outstanding,
                        rr=rr,
                        o_reject=st.o_reject.at[ridx].set(reason, mode="drop"),
                        completed=st.completed + rejected.sum().astype(I32))
@@ -247,9 +246,8 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     qlen = st.q_tail[c] - st.q_head[c]
     w = jnp.arange(A, dtype=I32)
     qpos = (st.q_head[c] + w) % Q
-    w_rid = st.q_rid[c, qpos]
-    w_stage = st.q_stage[c, qpos]
-    w_ready = st.q_ready[c, qpos]
+    w_item, w_ready = _materialise(st.q_item[c, qpos], st.q_ready[c, qpos])  # read the queues once
+    w_rid, w_stage = w_item // K, w_item % K
     inq = w < qlen
     rdy = _prefix_true(inq & (w_ready <= t))
     w_rid_s = jnp.clip(w_rid, 0, N - 1)
@@ -303,8 +301,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # victims go back to the queue front in admission order (their slot order)
     new_head = st.q_head[c] - n_vict
     vslot = jnp.where(victim, (new_head + sidx - n_keep) % Q, Q)  # out of range: dropped
-    q_rid = st.q_rid.at[c, vslot].set(rid, mode="drop")
-    q_stage = st.q_stage.at[c, vslot].set(stage, mode="drop")
+    q_item = st.q_item.at[c, vslot].set(rid * K + stage, mode="drop")
     q_ready = st.q_ready.at[c, vslot].set(jnp.full(S, t, F64), mode="drop")
     vr = jnp.where(victim, rid, N)
     r_gen = st.r_gen.at[vr].set(gen, mode="drop")
@@ -425,7 +422,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
         busy=st.busy.at[c].add(jnp.where(go, t_end - t, 0.0)),
         outstanding=st.outstanding.at[c].add(-jnp.where(finished, prompt + target, 0).sum().astype(F64)),
         slots=st.slots.at[c].set(slots_c), s_last_tok=st.s_last_tok.at[c].set(last_c),
-        q_rid=q_rid, q_stage=q_stage, q_ready=q_ready, q_head=q_head,
+        q_item=q_item, q_ready=q_ready, q_head=q_head,
         order=st.order + n_admit,
         r_gen=r_gen, r_preempted=r_preempted,
         o_first_token=o_first_token, o_preemptions=o_preemptions, o_stage_start=o_stage_start,
@@ -451,10 +448,15 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
 
 
 def _materialise(*xs):
-    """The same vectors, computed once into buffers: written by a scatter (XLA does not fuse one into its
-    consumers), so that a broadcasting [W, S] kernel reading them does not recompute them per element."""
-    idx = jnp.arange(xs[0].shape[0], dtype=I32)
-    return tuple(jnp.zeros_like(x).at[idx].set(x, unique_indices=True, indices_are_sorted=True) for x in xs)
+    """The same arrays, computed once into their own buffers. XLA fuses cheap producers into each
+    consumer kernel and recomputes them there: a [W, S] kernel would redo the whole slot logic per
+    element, and queue reads duplicated into kernels that run after the queue writes force a copy
+    of the whole queue every step. A reduction is never fused into its consumers, so each array
+    goes through one (a max with the dtype's lowest value over a new axis of two)."""
+    def one(x):
+        low = jnp.asarray(-jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min, x.dtype)
+        return jnp.max(jnp.stack([x, jnp.broadcast_to(low, x.shape)]), axis=0)
+    return tuple(one(x) for x in xs)
 
 
 def _pack(rid, stage, prompt, done, pf_target, prefill, gen, target, order):
