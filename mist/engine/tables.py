@@ -62,9 +62,21 @@ REJECT_MESSAGES = {
     Reject.BATCH_TOKENS: "prompt longer than --max-num-batched-tokens without chunked prefill (enable "
                          "--enable-chunked-prefill or raise --max-num-batched-tokens)",
     Reject.CONTEXT_LENGTH: "prompt + output exceed the model's maximum context (--max-model-len)",
-    Reject.QUEUE_FULL: "the client's queue was full (raise the queue capacity or add replicas)",
+    Reject.QUEUE_FULL: "the client's queue was full (raise engine.queue in the config, default min(requests, 32768), "
+                       "or add replicas)",
     Reject.NO_CLIENT: "no client serves this request's stage (check the deployment's pools)",
 }
+
+
+# Default queue capacity per client: every request when the workload is small, at most this many
+# waiting entries per client otherwise (beyond it arrivals are rejected as QUEUE_FULL, with the knob
+# named). A client with tens of thousands of waiting requests is far past saturation; the cap keeps
+# per-step work and memory independent of the workload's length.
+DEFAULT_QUEUE_CAP = 32768
+
+
+def default_queue(num_requests: int) -> int:
+    return int(min(max(num_requests, 16), DEFAULT_QUEUE_CAP))
 
 
 class EngineDims(NamedTuple):

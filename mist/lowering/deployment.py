@@ -14,7 +14,7 @@ from ..cost.replica import lower_replica
 from ..specs.catalog import get_hardware, get_model
 from ..specs.errors import SpecError
 from ..specs.model import Precision
-from ..engine.tables import ClientTable, EngineDims, Kind, Policy, Role, Router, Topology, Workload
+from ..engine.tables import ClientTable, EngineDims, Kind, Policy, Role, Router, Topology, Workload, default_queue
 
 POLICIES = {"static": Policy.STATIC, "continuous": Policy.CONTINUOUS, "chunked": Policy.CHUNKED,
             "decode-priority": Policy.DECODE_PRIORITY, "decode_priority": Policy.DECODE_PRIORITY}
@@ -348,7 +348,7 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
                     stage_kv_layers=jnp.asarray(kv_layers), feeds=jnp.asarray(feeds))
     N = int(wl.arrival.shape[0])
     A = int(min(window or min(S, 64), S))
-    Q = int(queue or max(N, 16))
+    Q = int(queue or default_queue(N))
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=A, queue=Q, stages=K, stretch=max(stretch, 1),
                       pools=P, pipelines=NP)
     return Lowered(dims=dims, clients=clients, topology=topo, workload=wl,
