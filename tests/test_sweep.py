@@ -195,3 +195,31 @@ def test_cross_vendor_quick_runs(tmp_path, swept):
     assert mod["main"](["--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "cross_vendor_dse.csv").exists()
     assert (tmp_path / "cross_vendor_dse.png").exists()
+
+
+def test_search_finds_the_cheapest_deployment_meeting_the_slo(swept):
+    """`mist search` on a 4-deployment grid (sharing this module's compiled program): the answer meets
+    the SLO, nothing cheaper in the table does, runners-up follow in price order; an impossible SLO
+    gives no answer and says so."""
+    from mist.sweep.search import search
+
+    kw = dict(model="llama-3.1-8b", rate=4.0, hardware=("h100", "a100-sxm-80gb"), tp=(1,), max_replicas=2,
+              num_requests=20, run=RUN)
+    res = search(slo={"ttft_ms": 5000.0, "tpot_ms": 200.0}, **kw)
+    df = res.table
+    assert len(df) == 4 and df["feasible"].all()
+    assert set(zip(df["hardware"], df["replicas"])) == {("h100", 1), ("h100", 2), ("a100-sxm-80gb", 1),
+                                                        ("a100-sxm-80gb", 2)}
+    met = df[df["slo_met"].fillna(False).astype(bool)]
+    assert res.best is not None and bool(res.best["slo_met"])
+    assert res.best["price_per_hour_usd"] == met["price_per_hour_usd"].min()
+    assert res.best["p99_ttft_ms"] <= 5000.0 and res.best["p99_tpot_ms"] <= 200.0
+    prices = [res.best["price_per_hour_usd"]] + list(res.runners_up["price_per_hour_usd"])
+    assert prices == sorted(prices) and len(res.runners_up) == len(met) - 1
+    assert "cheapest:" in res.report()
+    out = res.to_json()
+    assert out["evaluated"] == 4 and out["best"]["deployment"] == res.best["deployment"]
+
+    none = search(slo={"ttft_ms": 1e-3, "tpot_ms": 1e-3}, **kw)
+    assert none.best is None and none.runners_up.empty
+    assert "no deployment meets the SLOs" in none.report()

@@ -80,8 +80,9 @@ def _base(model: str, hardware: str, trace: str, num_requests: int) -> dict:
 
 def search(model: str = "llama-3.1-8b", rate: float = 10.0, hardware=("h100", "h200"), tp=(1, 2),
            max_replicas: int = 8, trace: str = "azure_conv_2023", num_requests: int = 300, slo: dict | None = None,
-           top: int = 5, refine: bool = False, out=None, progress: bool = False) -> SearchResult:
-    """Cheapest deployment of `model` meeting `slo` at `rate` requests/s (see the module doc)."""
+           top: int = 5, refine: bool = False, out=None, progress: bool = False, run: dict | None = None) -> SearchResult:
+    """Cheapest deployment of `model` meeting `slo` at `rate` requests/s (see the module doc). `run`
+    overrides the sweep's run options (capacities, configs per chunk), e.g. to share a compiled program."""
     import time
 
     t0 = time.perf_counter()
@@ -91,7 +92,8 @@ def search(model: str = "llama-3.1-8b", rate: float = 10.0, hardware=("h100", "h
         reps.append(max_replicas)
     coarse = [{"hardware": h, "tp": t, "replicas": r, "rate": rate} for h in hardware for t in tp for r in reps]
     data = {"name": "search", "base": _base(model, hardware[0], trace, num_requests), "points": coarse, "slo": slo,
-            "run": {"clients": max_replicas, "configs_per_chunk": min(len(coarse), 64), "progress": progress}}
+            "run": {"clients": max_replicas, "configs_per_chunk": min(len(coarse), 64), "progress": progress,
+                    **(run or {})}}
     prep = prepare(data)
     df = run_prepared(prep)
     # refinement: replica counts between the last failing and first passing power of two
