@@ -398,6 +398,29 @@ def test_unsplit_mha_decode_floor_by_hand():
     assert close(f(attn_decode_time(p, 2.0, 100.0, 4.0, 4.0, 16.0, peak, 1e30)), 100 * 64 / 1e6, rel=1e-3)
     assert f(attn_decode_time(p, 2.0, 100.0, 4.0, 2.0, 16.0, peak, 1e30)) < 1e-3 * 100 * 64 / 1e6
 
+
+def test_gemm_serial_k_loop_floor_by_hand():
+    # C[4, 64] = A[4, 4096] @ W[4096, 64] in bf16: one 128 x 128 output tile streams
+    # 4096 x 128 x (2 + 2) bytes over its K loop; at serial_bw = 1 GB/s that floor dominates
+    from mist.cost.operators import gemm_time
+    from mist.cost.roofline import gemm_serial_bytes
+
+    assert gemm_serial_bytes(4096.0, 2.0, 2.0) == 4096 * 128 * 4
+    ph = _phys(ideal_params())
+    p = make_params(**ph, serial_bw=[1e9, 1e18, 1e18, 1e18, 1e18])
+    t = f(gemm_time(p, 4.0, 64.0, 4096.0, 1e15, 3e12))
+    assert close(t, 4096 * 128 * 4 / 1e9, rel=1e-3)
+    # off (the default): the plain roofline
+    t0 = f(gemm_time(ideal_params(), 4.0, 64.0, 4096.0, 1e15, 3e12))
+    assert close(t0, (64 * 4096 * 2 + 4 * (64 + 4096) * 2) / (0.5 * 3e12), rel=1e-3)
+    # the iteration cost floors every dense GEMM launch the same way (K of each GEMM, per layer)
+    rep = lower_replica(DENSE, H100)
+    bd = BD(p, rep, batch(decode=[10]))
+    k, layers = np.asarray(rep.gemm_k), np.asarray(rep.gemm_layers)
+    on = (np.asarray(rep.gemm_n) > 0) & (layers > 0)
+    assert close(f(bd["gemm"]), float(np.sum(layers[on] * k[on] * 128 * 4)) / 1e9, rel=1e-3)
+    assert close(f(bd["lm_head"]), 64 * 128 * 4 / 1e9, rel=1e-3)  # K = hidden
+
 def test_collective_trivial_cases():
     p = default_params()
     for c in (Comm.ALLREDUCE, Comm.ALLGATHER, Comm.ALLTOALL):
@@ -497,7 +520,9 @@ _GRAD_SCRIPT = textwrap.dedent("""
         lower_replica(get_model(names[2]), h100)]))
     b = f64(make_batch([300, 40], [0, 700], decode_context=[100, 2000, 5000]))
     p0 = default_params()
-    p0 = eqx.tree_at(lambda q: q.log_serial_bw, p0, p0.log_serial_bw.at[2].set(jnp.log(25e9)))
+    # serial floors on (GEMM K loop, unsplit decode), low enough to matter
+    p0 = eqx.tree_at(lambda q: q.log_serial_bw, p0,
+                     p0.log_serial_bw.at[0].set(jnp.log(2e11)).at[2].set(jnp.log(25e9)))
     x0, unravel = ravel_pytree(f64(p0))
 
     def times(x):
@@ -566,8 +591,9 @@ def test_gradient_matches_finite_differences(fd_results):
             for must in ("log_comm_s_half", "comm_beta_logit", "log_comm_overhead"):
                 assert sum(must in n for n in live) == 4, must
             assert sum("log_comm_group_exp" in n for n in live) == 3  # send/recv has no ring factor
+        assert any("log_serial_bw[0]" in n for n in live), res["model"]  # GEMM K loop
         if res["model"] == "llama-2-7b":
-            assert any("log_serial_bw" in n for n in live)
+            assert any("log_serial_bw[2]" in n for n in live)  # unsplit MHA decode
 
 
 def test_gradients_finite_float32():

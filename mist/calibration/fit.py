@@ -173,9 +173,10 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
     return jax.tree_util.tree_map(lambda m, t: jnp.asarray(m, t.dtype), mask, template)
 
 
-#: where a fit starts the unsplit-decode bandwidth (B/s per thread block): the default switches
-#: that floor off, and from there its gradient vanishes; the fit keeps it only where rows need it
-SERIAL_BW_START = 25e9
+#: where a fit starts the serial bandwidths (B/s per thread block) of the unsplit decode and of a
+#: GEMM tile's K loop: the defaults switch those floors off, and from there their gradients vanish;
+#: the fit keeps them only where rows need them
+SERIAL_BW_START = {"ATTN_DECODE": 25e9, "GEMM": 1e12}
 
 
 def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
@@ -184,10 +185,12 @@ def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
     given: the others keep their defaults, as the gradient mask leaves them)."""
     from ..cost.params import Op
 
-    if prep is not None and int(Op.ATTN_DECODE) not in op_classes_present(prep)[0]:
-        return p
-    return eqx.tree_at(lambda q: q.log_serial_bw, p,
-                       p.log_serial_bw.at[int(Op.ATTN_DECODE)].set(jnp.log(jnp.float32(SERIAL_BW_START))))
+    present = op_classes_present(prep)[0] if prep is not None else set(range(NUM_OPS))
+    v = p.log_serial_bw
+    for name, bw in SERIAL_BW_START.items():
+        if int(Op[name]) in present:
+            v = v.at[int(Op[name])].set(jnp.log(jnp.float32(bw)))
+    return eqx.tree_at(lambda q: q.log_serial_bw, p, v)
 
 
 def _as_prep(groups: dict) -> Prepared:

@@ -13,7 +13,7 @@ from jaxtyping import Array, Bool, Float
 
 from .params import Comm, CostParams, Op
 from .replica import Replica
-from .roofline import collective_time, kernel_time
+from .roofline import collective_time, gemm_serial_bytes, kernel_time
 
 #: bytes moved per token and hidden element by a layer's elementwise kernels (two norms, two
 #: residual adds, rotary on q/k), in units of one activation element
@@ -182,14 +182,16 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     g_bytes = rep.gemm_layers * (rep.gemm_n * rep.gemm_k * rep.w_bytes + T * (rep.gemm_n + rep.gemm_k) * ab)
     g_bytes = jnp.where(T > 0, g_bytes, 0.0)
     t_gemm = jnp.sum(jnp.where(g_on, kernel_time(params, Op.GEMM, g_flops, g_bytes, rep.peak_gemm, rep.mem_bw,
-                                                   T, rep.gemm_layers), 0.0))
+                                                   T, rep.gemm_layers, serial_bytes=rep.gemm_layers
+                                                   * gemm_serial_bytes(rep.gemm_k, rep.w_bytes, ab)), 0.0))
 
     # ---- LM head (only rows that sample a token)
     h = rep.hidden
     lm_flops = 2.0 * n_sample * h * rep.vocab_local * rep.has_lm_head
     lm_bytes = jnp.where(n_sample > 0, (h * rep.vocab_local * rep.w_bytes
                                         + n_sample * (h + rep.vocab_local) * ab) * rep.has_lm_head, 0.0)
-    t_lm = kernel_time(params, Op.GEMM, lm_flops, lm_bytes, rep.peak_gemm, rep.mem_bw, n_sample, 1.0)
+    t_lm = kernel_time(params, Op.GEMM, lm_flops, lm_bytes, rep.peak_gemm, rep.mem_bw, n_sample, 1.0,
+                       serial_bytes=gemm_serial_bytes(h, rep.w_bytes, ab))
 
     # ---- prefill attention (per-sequence efficiency: short chunks use the machine less)
     full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)

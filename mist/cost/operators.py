@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from .iteration import _windowed_pairs, decode_tile_keys, prefill_tile_pairs
 from .params import Comm, CostParams, Op
-from .roofline import collective_time, kernel_time
+from .roofline import collective_time, gemm_serial_bytes, kernel_time
 
 _BIG = 1e30
 
@@ -17,7 +17,8 @@ def gemm_time(params: CostParams, m, n, k, peak_flops, mem_bw, w_bytes=2.0, a_by
     """C[m,n] = A[m,k] @ W[k,n] on one device."""
     flops = 2.0 * m * n * k
     bytes_ = n * k * w_bytes + m * (n + k) * a_bytes
-    return kernel_time(params, Op.GEMM, flops, bytes_, peak_flops, mem_bw, m, 1.0)
+    return kernel_time(params, Op.GEMM, flops, bytes_, peak_flops, mem_bw, m, 1.0,
+                       serial_bytes=gemm_serial_bytes(k, w_bytes, a_bytes))
 
 
 def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads, head_dim, peak_flops, mem_bw,

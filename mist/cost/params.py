@@ -57,9 +57,10 @@ class CostParams(eqx.Module):
         keys per query to it, decode reads at least that many keys per sequence
       log_overhead: log seconds of fixed per-kernel time (launch, tail, synchronisation)
       log_sharpness: log of the exponent p of the smooth max of compute and memory time
-      log_serial_bw: decode attention only: log bytes/s one thread block streams when the kernel
-        runs one block per (sequence, KV head) without splitting the context (FlashAttention-2 on
-        MHA models): a floor of (longest context) x (one head's KV bytes per token) / serial_bw
+      log_serial_bw: log bytes/s one thread block streams when it works alone through a long loop:
+        decode attention, a kernel that runs one block per (sequence, KV head) without splitting
+        the context (FlashAttention-2 on MHA models): a floor of (longest context) x (one head's KV
+        bytes per token) / serial_bw; GEMM, the K loop of one output tile (roofline.gemm_serial_bytes)
       log_pair_width: prefill attention only: log of the work per query-key pair and head that does not
         scale with the head width (softmax, masking, rescaling), in head-width units: a pair costs
         2 (d_qk + d_v + pair_width) FLOPs at the kernel's efficiency instead of 2 (d_qk + d_v)
@@ -303,8 +304,9 @@ def default_params(kind: str = "gpu") -> CostParams:
         comm_s_half=[4e6] * NUM_COMMS, comm_beta=[0.45] * NUM_COMMS, comm_group_exp=[0.6] * NUM_COMMS,
         comm_overhead_s=[3e-6] * NUM_COMMS,
         pair_width=[PAIR_WIDTH_OFF, 64.0, PAIR_WIDTH_OFF, PAIR_WIDTH_OFF, PAIR_WIDTH_OFF],
-        # unsplit decode floor off by default (A100's FlashAttention-2 on MHA fits ~23 GB/s per
-        # thread block; H100's FlashAttention-3 splits); fits start it at 25 GB/s, see fit()
+        # serial floors (GEMM K loop, unsplit decode) off by default (A100's FlashAttention-2 on MHA
+        # fits ~23 GB/s per thread block; H100's FlashAttention-3 splits); fits switch them on, see
+        # mist.calibration.fit.fit_start
     )
 
 

@@ -48,6 +48,18 @@ def kernel_time(params: CostParams, op: int, flops, bytes_, peak_flops, bandwidt
     return jnp.where(active, smooth_max(t_c, t_m, params.sharpness[op]) + kernels * params.overhead[op], 0.0)
 
 
+#: output tile edge (rows = columns) whose K loop a GEMM's thread block runs serially
+GEMM_TILE = 128.0
+
+
+def gemm_serial_bytes(k, w_bytes, a_bytes):
+    """Operand bytes one GEMM thread block streams alone over its K loop: a GEMM_TILE x GEMM_TILE
+    output tile reads GEMM_TILE rows of the activation and GEMM_TILE columns of the weight per step
+    of K. With params.serial_bw[GEMM] this floors small-M, small-N GEMMs with a long K loop, whose
+    few output tiles cannot fill the machine (see kernel_time's serial_bytes)."""
+    return k * GEMM_TILE * (w_bytes + a_bytes)
+
+
 def collective_time(params: CostParams, comm: int, size_bytes, group, bandwidth, latency):
     """Time (s) of one collective over `group` devices on a link of `bandwidth` (B/s per direction).
 
