@@ -98,6 +98,7 @@ class RefResult:
     max_kv_blocks: np.ndarray  # [C] most KV blocks physically written at the end of any iteration
     events: int = 0
     log: list = field(default_factory=list)
+    swap_seconds: float = 0.0  # time spent moving KV to and from host memory (swap-mode preemption)
 
 
 class ReferenceEngine:
@@ -120,6 +121,8 @@ class ReferenceEngine:
         self.bs, self.cap, self.mml = g(cl.block_size), g(cl.kv_blocks), g(cl.max_model_len)
         self.serve = (g(cl.serve_base), g(cl.serve_per_item), g(cl.serve_per_token))
         self.kvbpt, self.enabled = g(cl.kv_bytes_per_token), g(cl.enabled)
+        sw = getattr(cl, "swap_bandwidth", None)
+        self.swap_bw = np.zeros(self.C) if sw is None else g(sw)  # > 0: preempt by swapping to host memory
         sigma = g(cl.params.step_noise_sigma)
         assert np.all(sigma[self.enabled] == 0), "the reference does not model step noise"
         # the engine evaluates the cost model in float64 (see SEMANTICS.md)
@@ -228,8 +231,11 @@ class ReferenceEngine:
         prompt, target = self.shape(e.rid, e.stage, c)
         gen0 = int(self.r_gen[e.rid])
         direct = self.role[c] == Role.DECODE_ONLY and not self.r_preempted[e.rid] and gen0 > 0
+        swapped = int(self.r_swapped[e.rid])  # KV tokens waiting in host memory (swap mode)
         if direct:
             done0 = prompt
+        elif swapped > 0:
+            done0 = swapped
         elif gen0 == 0:
             done0 = min(int(self.cached[e.rid]), max(prompt - 1, 0))
         else:
@@ -240,7 +246,7 @@ class ReferenceEngine:
         if self.kind[c] == Kind.LLM:
             blocks = cdiv(prompt + gen0 if direct else pf_target, int(self.bs[c]))
         return dict(entry=e, prompt=prompt, target=target, gen0=gen0, direct=direct, done0=done0,
-                    pf_target=pf_target, need=need, blocks=blocks)
+                    pf_target=pf_target, need=need, blocks=blocks, swapped=swapped)
 
     def iterate(self, c: int, t: float):
         slots, queue = self.slots[c], self.queue[c]
@@ -300,7 +306,8 @@ class ReferenceEngine:
                     blk += w["blocks"]
                     admitted.append(w)
 
-        # 4. preemption (recompute), most recently admitted first
+        # 4. preemption (recompute, or swap), most recently admitted first
+        swap_tokens = 0
         preempting = is_llm and need_blocks > cap and (not exclusive or not admitted)
         if preempting:
             excess, freed, victims = need_blocks - cap, 0, []
@@ -314,6 +321,10 @@ class ReferenceEngine:
                 self.r_gen[s.rid] = s.gen
                 self.r_preempted[s.rid] = True
                 self.preemptions[s.rid] += 1
+                if self.swap_bw[c] > 0:  # its KV (what is in the cache) goes to host memory
+                    kv = s.done if s.prefill else s.prompt + s.gen
+                    self.r_swapped[s.rid] = kv
+                    swap_tokens += kv
                 slots[slots.index(s)] = None
             queue[:0] = [Entry(s.rid, s.stage, t) for s in victims]
             self.compact(c)
@@ -328,7 +339,10 @@ class ReferenceEngine:
             queue.pop(0)
             i = slots.index(None)
             slots[i] = Slot(rid=e.rid, stage=e.stage, prompt=w["prompt"], done=w["done0"], pf_target=w["pf_target"],
-                            prefill=not w["direct"], gen=w["gen0"], target=w["target"], order=self.order)
+                            prefill=not w["direct"] and w["need"] > 0, gen=w["gen0"], target=w["target"],
+                            order=self.order)
+            swap_tokens += w["swapped"]  # swapped back in from host memory
+            self.r_swapped[e.rid] = 0
             self.order += 1
             new.add(i)
             self.stage_start[e.rid, e.stage] = min(self.stage_start[e.rid, e.stage], t)
@@ -368,6 +382,10 @@ class ReferenceEngine:
         else:
             base, per_item, per_tok = (float(x[c]) for x in self.serve)
             dt = base + per_item * len(new) + per_tok * sum(chunk)
+        if swap_tokens > 0:
+            swap_s = float(swap_tokens) * float(self.kvbpt[c]) / float(self.swap_bw[c])
+            self.swap_seconds += swap_s
+            dt = dt + swap_s
         dt = round_ns(dt)
         t_end = t + dt
         self.iters[c] += 1
@@ -434,6 +452,8 @@ class ReferenceEngine:
         self.cursor = self.order = self.completed = 0
         self.r_gen = np.zeros(n, int)
         self.r_preempted = np.zeros(n, bool)
+        self.r_swapped = np.zeros(n, int)
+        self.swap_seconds = 0.0
         self.first_token = np.full(n, INF)
         self.finish = np.full(n, INF)
         self.stage_start = np.full((n, K), INF)
@@ -471,7 +491,7 @@ class ReferenceEngine:
         return RefResult(first_token=self.first_token, finish=self.finish, stage_start=self.stage_start,
                          stage_end=self.stage_end, stage_client=self.stage_client, preemptions=self.preemptions,
                          reject=self.reject, tokens=self.tokens, iters=self.iters, busy=self.busy,
-                         max_kv_blocks=self.max_kv, events=events, log=self.log)
+                         max_kv_blocks=self.max_kv, events=events, log=self.log, swap_seconds=self.swap_seconds)
 
 
 def reference_run(lo) -> RefResult:

@@ -52,7 +52,7 @@ def test_model_that_does_not_fit(capsys):
 def test_bench_latency(capsys):
     r = run_json(capsys, ["bench", "latency", *SMALL, "--batch", "4", "--input", "64", "--output", "16", "--json"])
     assert r["avg_latency"] > 0 and set(r["percentiles"]) >= {"50", "90", "99"}
-    assert r["rejected"] == 0 and r["sim_run_s"] > 0 and "sim_compile_s" in r
+    assert r["rejected"] == 0 and r["preemptions"] == 0 and r["sim_run_s"] > 0 and "sim_compile_s" in r
 
 
 def test_bench_throughput(capsys):

@@ -57,9 +57,10 @@ POLICY_KW = {"chunked": dict(max_num_batched_tokens=512, chunk_size=128),
 def deployment(case: str) -> tuple[Deployment, dict, int | None]:
     """(deployment, workload, KV blocks override) of a named test case."""
     kind, _, arg = case.partition(":")
-    if kind in ("single", "tinykv"):
-        dep = Deployment.single(MODEL, "h100", policy=arg, max_num_seqs=4, **POLICY_KW[arg])
-        return dep, workload(1 if kind == "single" else 2, 24), (60 if kind == "tinykv" else None)
+    if kind in ("single", "tinykv", "swapkv"):  # swapkv: tinykv preempting by swapping to host memory
+        mode = "swap" if kind == "swapkv" else "recompute"
+        dep = Deployment.single(MODEL, "h100", policy=arg, max_num_seqs=4, preemption_mode=mode, **POLICY_KW[arg])
+        return dep, workload(1 if kind == "single" else 2, 24), (None if kind == "single" else 60)
     if kind == "replicas":
         dep = Deployment.single(MODEL, "h100", policy="chunked", max_num_seqs=3, replicas=2, router=arg,
                                 **POLICY_KW["chunked"])
@@ -82,7 +83,7 @@ def deployment(case: str) -> tuple[Deployment, dict, int | None]:
     raise ValueError(case)
 
 
-CASES = ([f"single:{p}" for p in POLICY_KW] + [f"tinykv:{p}" for p in POLICY_KW]
+CASES = ([f"single:{p}" for p in POLICY_KW] + [f"tinykv:{p}" for p in POLICY_KW] + [f"swapkv:{p}" for p in POLICY_KW]
          + [f"replicas:{r}" for r in ("round-robin", "least-outstanding", "prefix-affinity")]
          + ["disagg:chunked", "disagg:continuous", "rejects", "server"])
 
@@ -185,8 +186,11 @@ def test_reference_matches_engine(case):
     np.testing.assert_allclose(ref.busy, np.asarray(st.busy), rtol=0, atol=1e-9)
     assert_invariants(lo, st, ref)
     # each case exercises what it is named for
-    if case.startswith("tinykv") or case == "disagg:continuous":
+    if case.startswith(("tinykv", "swapkv")) or case == "disagg:continuous":
         assert ref.preemptions.sum() > 0
+    if case.startswith("swapkv"):  # KV went to host memory and back instead of being recomputed
+        assert ref.swap_seconds > 0
+        assert ref_case("tinykv:" + case.split(":")[1]).swap_seconds == 0
     if case.startswith("replicas"):
         assert set(ref.stage_client[:, 0]) == {0, 1}
     if case == "rejects":  # includes a preempted request whose recomputation exceeds M (runs alone)
@@ -201,6 +205,7 @@ def test_reference_matches_engine(case):
 
 
 @pytest.mark.parametrize("case", ["tinykv:static", "tinykv:continuous", "tinykv:chunked", "tinykv:decode-priority",
+                                  "swapkv:chunked", "swapkv:continuous",
                                   "replicas:least-outstanding", "disagg:chunked", "server"])
 def test_per_iteration_mode_matches_event_skipping(case):
     """stretch=1 (one iteration per scan step, and larger padding of every capacity) gives the same

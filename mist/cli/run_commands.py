@@ -29,6 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", choices=["static", "continuous", "chunked", "decode-priority"], default=None,
                    help="batching policy (overrides --enable-chunked-prefill)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute",
+                   help="when the KV cache runs out: drop a request's KV and recompute it, or swap it to host memory")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enable-prefix-caching", action="store_true")
@@ -53,7 +55,8 @@ def _deployment(args):
                              router=args.router, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, policy=policy,
                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                              block_size=args.block_size, memory_utilization=args.gpu_memory_utilization,
-                             max_model_len=args.max_model_len, step_noise_sigma=args.step_noise)
+                             max_model_len=args.max_model_len, step_noise_sigma=args.step_noise,
+                             preemption_mode=args.preemption_mode)
 
 
 def _positive(name, v, allow_zero=False):
@@ -101,6 +104,7 @@ def _run(args, workloads):
 def _common_json(res) -> dict:
     s = res.summary
     return {"rejected": s.get("rejected", 0), "rejected_reasons": s.get("rejected_by_reason", {}),
+            "preemptions": s.get("total_preemptions", 0),
             "sim_compile_s": res.stats.compile_s, "sim_run_s": res.stats.run_s, "sim_steps": res.stats.steps}
 
 

@@ -56,6 +56,7 @@ class EngineState(eqx.Module):
     # --- per-request bookkeeping [N]
     r_gen: Int[Array, "n"]  # tokens generated in the current stage before a preemption
     r_preempted: Bool[Array, "n"]
+    r_swapped: Int[Array, "n"]  # KV tokens of a preempted request held in host memory (swap mode), else 0
     # --- outputs [N] and [N, K]
     o_first_token: Float[Array, "n"]
     o_finish: Float[Array, "n"]
@@ -83,7 +84,7 @@ def init_state(dims: EngineDims, key) -> EngineState:
         s_last_tok=f((C, S), 0.0),
         q_item=i((C, Q), -1), q_ready=f((C, Q), INF), q_head=i((C,), 0), q_tail=i((C,), 0),
         rr=i((dims.pools,), 0), cursor=jnp.int32(0), order=jnp.int32(0),
-        r_gen=i((N,), 0), r_preempted=b((N,)),
+        r_gen=i((N,), 0), r_preempted=b((N,)), r_swapped=i((N,), 0),
         o_first_token=f((N,), INF), o_finish=f((N,), INF), o_preemptions=i((N,), 0), o_reject=i((N,), 0),
         o_stage_start=f((N, K), INF), o_stage_end=f((N, K), INF), o_stage_client=i((N, K), -1),
         itl_hist=f((dims.itl_bins,), 0.0), itl_sum=jnp.float64(0.0),

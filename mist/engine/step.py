@@ -257,6 +257,10 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     direct = (role == Role.DECODE_ONLY) & ~pre0 & (gen0 > 0)  # KV arrived over the link
     w_cached = jnp.where(gen0 == 0, jnp.minimum(wl.cached_tokens[w_rid_s], jnp.maximum(w_prompt - 1, 0)), 0)
     w_done = jnp.where(direct, w_prompt, w_cached)
+    # swap mode: a preempted request's KV comes back from host memory instead of being recomputed
+    swap = cl.swap_bandwidth is not None
+    w_swapped = jnp.where(inq, st.r_swapped[w_rid_s], 0) if swap else jnp.zeros(A, I32)
+    w_done = jnp.where(w_swapped > 0, w_swapped, w_done)
     w_pf_target = w_prompt + gen0
     w_need = jnp.where(direct, 0, w_pf_target - w_done)
     w_blocks = jnp.where(is_llm, _cdiv(jnp.where(direct, w_prompt + gen0, w_pf_target), bs), 0)
@@ -307,9 +311,16 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     r_gen = st.r_gen.at[vr].set(gen, mode="drop")
     r_preempted = st.r_preempted.at[vr].set(True, mode="drop")
     o_preemptions = st.o_preemptions.at[vr].add(1, mode="drop")
+    r_swapped = st.r_swapped
+    swap_tokens = jnp.int32(0)
+    if swap:  # victims' KV (what is in the cache) moves to host memory over the host link
+        swapping = cl.swap_bandwidth[c] > 0
+        kv_tokens = jnp.where(prefill, done, prompt + gen)
+        r_swapped = r_swapped.at[vr].set(jnp.where(swapping, kv_tokens, 0), mode="drop")
+        swap_tokens = jnp.where(swapping, jnp.where(victim, kv_tokens, 0).sum(), 0)
 
     # ---- admit behind the kept slots (never in the same iteration as a preemption)
-    rows = _pack(w_rid, w_stage, w_prompt, w_done, w_pf_target, ~direct, gen0, w_target, st.order + w)
+    rows = _pack(w_rid, w_stage, w_prompt, w_done, w_pf_target, ~direct & (w_need > 0), gen0, w_target, st.order + w)
     kept = _pack(jnp.where(victim, -1, rid), stage, prompt, done, pf_target, prefill, gen, target, order)
     tgt = jnp.where(admit, n_keep + w, S)
     rid, stage, prompt, done, pf_target, prefill, gen, target, order = _unpack(
@@ -321,6 +332,9 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     o_stage_start = st.o_stage_start.at[ar, w_stage].min(jnp.full(A, t, F64), mode="drop")
     o_stage_client = st.o_stage_client.at[ar, w_stage].set(c, mode="drop")
     r_preempted = r_preempted.at[ar].set(False, mode="drop")
+    if swap:  # swapped-in KV moves back from host memory before this iteration runs
+        swap_tokens = swap_tokens + jnp.where(admit, w_swapped, 0).sum()
+        r_swapped = r_swapped.at[ar].set(0, mode="drop")
     active = rid >= 0
 
     # ---- this iteration's work per slot
@@ -365,6 +379,9 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     sigma = params.step_noise_sigma
     z = _iteration_normals(st.key, c, st.iters[c] + js)
     dts = dts * jnp.where(sigma > 0, jnp.exp(sigma * z - 0.5 * sigma * sigma), 1.0)
+    if swap:  # swaps happen only in iterations that preempt or admit, which are never stretched
+        swap_s = swap_tokens.astype(F64) * cl.kv_bytes_per_token[c] / jnp.maximum(cl.swap_bandwidth[c], 1e-30)
+        dts = dts.at[0].add(jnp.where(swap_tokens > 0, swap_s, 0.0))
     dts = _quantise_ns(dts)
     starts = t + _excl_cumsum(dts)
 
@@ -424,7 +441,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
         slots=st.slots.at[c].set(slots_c), s_last_tok=st.s_last_tok.at[c].set(last_c),
         q_item=q_item, q_ready=q_ready, q_head=q_head,
         order=st.order + n_admit,
-        r_gen=r_gen, r_preempted=r_preempted,
+        r_gen=r_gen, r_preempted=r_preempted, r_swapped=r_swapped,
         o_first_token=o_first_token, o_preemptions=o_preemptions, o_stage_start=o_stage_start,
         o_stage_end=o_stage_end, o_stage_client=o_stage_client,
         itl_hist=hist, itl_sum=itl_sum,

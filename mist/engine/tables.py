@@ -117,6 +117,22 @@ class ClientTable(eqx.Module):
     power_idle: Float[Array, "c"]
     price_per_hour: Float[Array, "c"]  # USD per device-hour
     enabled: Bool[Array, "c"]  # padding clients are disabled
+    # preemption by swapping (vLLM's --preemption-mode swap): bytes/s at which the replica moves KV to
+    # and from host memory (0 = preempt by recompute); None = recompute everywhere
+    swap_bandwidth: Float[Array, "c"] | None = None
+
+
+def uniform_swap(tables: list) -> list:
+    """Client tables to be stacked: give every one a swap_bandwidth array (zeros: recompute) when any
+    has one, so that their tree structures agree."""
+    import dataclasses
+
+    import numpy as np
+
+    if all(t.swap_bandwidth is None for t in tables):
+        return list(tables)
+    return [t if t.swap_bandwidth is not None else
+            dataclasses.replace(t, swap_bandwidth=np.zeros(np.shape(t.enabled), np.float64)) for t in tables]
 
 
 class Topology(eqx.Module):

@@ -14,7 +14,7 @@ from ..cost.replica import lower_replica
 from ..specs.catalog import get_hardware, get_model
 from ..specs.errors import SpecError
 from ..specs.model import Precision
-from ..engine.tables import ClientTable, EngineDims, Kind, Policy, Role, Router, Topology, Workload, default_queue
+from ..engine.tables import ClientTable, EngineDims, Kind, Policy, Role, Router, Topology, Workload, default_queue, uniform_swap
 
 POLICIES = {"static": Policy.STATIC, "continuous": Policy.CONTINUOUS, "chunked": Policy.CHUNKED,
             "decode-priority": Policy.DECODE_PRIORITY, "decode_priority": Policy.DECODE_PRIORITY}
@@ -57,6 +57,9 @@ class ClientSpec:
     block_size: int = 16
     memory_utilization: float = 0.9
     max_model_len: int | None = None
+    # vLLM's --preemption-mode: "recompute" (drop the KV, prefill again) or "swap" (move the KV to host
+    # memory over the host link and back; host swap space is not bounded)
+    preemption_mode: str = "recompute"
     # server clients: seconds per batch, per request, per prompt token
     serve_base: float = 0.0
     serve_per_item: float = 0.0
@@ -259,13 +262,22 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
             if min(cs.serve_base, cs.serve_per_item, cs.serve_per_token) < 0:
                 raise SpecError(where, "serve_*", "server costs must be >= 0", "fix the server's cost figures")
         chunk = cs.chunk_size or mbt
+        if cs.preemption_mode not in ("recompute", "swap"):
+            raise SpecError(where, "preemption_mode", f"unknown mode '{cs.preemption_mode}'", "use 'recompute' or 'swap'")
+        swap_bw = 0.0
+        if cs.preemption_mode == "swap" and kind == Kind.LLM:
+            host = dev.tier("host")
+            if host is None:
+                raise SpecError(where, "preemption_mode", f"{dev.name} has no host memory tier to swap to",
+                                "use preemption_mode = 'recompute'")
+            swap_bw = host.bandwidth * ndev  # every device moves its shard of the KV over its own host link
         rows.append(dict(kind=int(kind), role=int(role), policy=int(policy), max_num_seqs=min(cs.max_num_seqs, S),
                          max_batched_tokens=int(min(mbt, 2**30)), chunk_size=int(min(chunk, 2**30)),
                          block_size=cs.block_size, kv_blocks=int(min(kv_blocks, 2**30)),
                          max_model_len=int(min(mml, 2**30)), replica=rep, params=params,
                          serve_base=cs.serve_base, serve_per_item=cs.serve_per_item, serve_per_token=cs.serve_per_token,
                          kv_bytes_per_token=kv_per_tok, devices=float(ndev), power_busy=dev.tdp, power_idle=dev.idle_power,
-                         price_per_hour=dev.price_per_hour, enabled=True, device=dev))
+                         price_per_hour=dev.price_per_hour, enabled=True, swap_bandwidth=swap_bw, device=dev))
     # padding clients: copies of the first, disabled
     while len(rows) < C:
         rows.append({**rows[0], "enabled": False})
@@ -281,7 +293,9 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
         serve_per_token=stackf("serve_per_token", np.float64),
         kv_bytes_per_token=stackf("kv_bytes_per_token", np.float64), devices=stackf("devices", np.float64),
         power_busy=stackf("power_busy", np.float64), power_idle=stackf("power_idle", np.float64),
-        price_per_hour=stackf("price_per_hour", np.float64), enabled=stackf("enabled", bool))
+        price_per_hour=stackf("price_per_hour", np.float64), enabled=stackf("enabled", bool),
+        # None unless some client swaps: the engine then compiles no swap logic at all
+        swap_bandwidth=stackf("swap_bandwidth", np.float64) if any(r["swap_bandwidth"] > 0 for r in rows) else None)
 
     # topology
     P = max(pools or len(pool_names), len(pool_names))
@@ -363,7 +377,7 @@ def stack_lowered(items: list[Lowered]) -> Lowered:
         if it.dims != dims:
             raise ValueError("configs must be lowered to the same capacities to be stacked")
     st = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
-    return Lowered(dims=dims, clients=st([i.clients for i in items]), topology=st([i.topology for i in items]),
+    return Lowered(dims=dims, clients=st(uniform_swap([i.clients for i in items])), topology=st([i.topology for i in items]),
                    workload=st([i.workload for i in items]), client_names=items[0].client_names,
                    pool_names=items[0].pool_names, pipeline_names=items[0].pipeline_names,
                    notes={"configs": [i.notes for i in items]})

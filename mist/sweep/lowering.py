@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ..engine.state import init_state
-from ..engine.tables import ClientTable, EngineDims, Topology, Workload, default_queue
+from ..engine.tables import ClientTable, EngineDims, Topology, Workload, default_queue, uniform_swap
 from ..lowering.deployment import lower, lower_workload
 from ..specs.errors import SpecError
 from .configs import ConfigPlan, rescale_arrivals
@@ -154,7 +154,7 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     N = max([len(w["arrival"]) for w in wl_arrays] + [md.get("requests", 0), 1])
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=int(min(window or min(S, 64), S)),
                       queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP)
-    clients = [pad_clients(_host(lo.clients), C) for lo in los]
+    clients = uniform_swap([pad_clients(_host(lo.clients), C) for lo in los])
     topos = [pad_topology(_host(lo.topology), C, P, NP, K) for lo in los]
     wls = [_host(lower_workload(w, N)) for w in wl_arrays]
     names = [lo.client_names + [f"pad{i}" for i in range(C - len(lo.client_names))] for lo in los]

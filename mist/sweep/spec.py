@@ -32,7 +32,8 @@ from ..specs.errors import SpecError, UnknownNameError
 #: per-client fields an axis may set, on every LLM client or ("<pool>.<field>") on one pool's clients
 CLIENT_FIELDS = {"hardware": str, "model": str, "tp": int, "pp": int, "ep": int, "dtype": str,
                  "kv_cache_dtype": str, "policy": str, "max_num_seqs": int, "max_num_batched_tokens": int,
-                 "chunk_size": int, "block_size": int, "memory_utilization": float, "max_model_len": int}
+                 "chunk_size": int, "block_size": int, "memory_utilization": float, "max_model_len": int,
+                 "preemption_mode": str}
 #: axes that change the deployment's shape or the workload
 STRUCTURE_AXES = {"replicas": int, "pd_ratio": str, "rate": float, "workload": str}
 SAMPLING_KINDS = ("grid", "random", "lhs")
