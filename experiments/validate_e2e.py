@@ -572,15 +572,15 @@ def explain(r) -> str:
 NOTES = """### Reading these numbers
 
 * **Targets.** vLLM batch latency reaches 13.6% MAPE on held-out configurations after fitting (10.6% on all
-  rows; 21.2% before): the 15% target is met. Splitwise TTFT and TBT stay above the 10% target on the
-  held-out TP 4 rows (16.6% and 13.3% after fitting, from 24.5% and 37.5%).
+  rows; 21.3% before): the 15% target is met. Splitwise TTFT and TBT stay above the 10% target on the
+  held-out TP 4 rows (16.8% and 13.2% after fitting, from 24.5% and 37.7%).
 * **Against the previous operator fit** (before the collective bandwidth ramp, the GQA-packed prefill
-  tile, the prefill pair width, the unsplit-decode floor and the robust operator loss; see REPORT.md),
-  test MAPE after fitting moved: vLLM latency 15.1% -> 13.6%, TensorRT-LLM 9.0% -> 8.2%, Splitwise TTFT
-  15.5% -> 16.6%, TBT 12.9% -> 13.3%, e2e 9.6% -> 10.0%. The Splitwise CPU terms are fitted on TP 2 and
-  8 and extrapolated to TP 4; kernel times that moved by 1-3% (mostly all-reduces of 1-16 MB, which the
-  new collective form makes ~15-35% slower, as NCCL measures them) shift that extrapolation by about a
-  point. Batch-1 TP 4 prompts were already predicted 15-25% slow (the per-token CPU term that TP 2 and 8
+  tile, the prefill pair width, the unsplit-decode and GEMM K-loop floors and the robust operator loss;
+  see REPORT.md), test MAPE after fitting moved: vLLM latency 15.1% -> 13.6%, TensorRT-LLM 9.0% -> 8.2%,
+  Splitwise TTFT 15.5% -> 16.8%, TBT 12.9% -> 13.2%, e2e 9.6% -> 9.9%. The Splitwise CPU terms are
+  fitted on TP 2 and 8 and extrapolated to TP 4; kernel times that moved by 1-3% (mostly all-reduces of
+  1-16 MB, which the new collective form makes ~15-35% slower, as NCCL measures them) shift that
+  extrapolation by about a point. Batch-1 TP 4 prompts were already predicted 15-25% slow (the per-token CPU term that TP 2 and 8
   need), so slower all-reduces add to that error.
 * **What the CPU terms absorb.** Modern vLLM (LLM-Inference-Bench) needs ~1.3-2.1 ms per iteration and
   ~70-105 us per sequence on top of the GPU kernels, which fixes most of the under-prediction at batch
@@ -588,7 +588,7 @@ NOTES = """### Reading these numbers
   from TP 4 to TP 8 (a TP-dependent host/all-reduce cost that three TP-independent CPU terms can only
   average), and the fitted per-token term (~23-36 us per batched token) compensates prefill kernels that
   the cost model finds too fast at TP 4-8. Those Splitwise-era terms are stored only under `cpu.variants`.
-  TensorRT-LLM needs little CPU time (0.1-0.9 ms per iteration).
+  TensorRT-LLM needs little CPU time (0.1-1 ms per iteration).
 * **Largest errors.** (1) Splitwise TP 2 with batch >= 16: the simulated replica (vLLM's default 0.9 memory
   utilisation, 138 GB of Llama-2-70B weights on 2x80 GB) keeps only ~6K tokens of KV cache, so the engine
   preempts and recomputes; the measured runs show no memory pressure before batch 64, and batch 64 itself

@@ -43,14 +43,16 @@ prefill 14.9%, decode 24.9%, all-reduce 23.2%; A100 9.6%, 20.0%, 28.6%, 27.5%.
   reduce-scatter and all-to-all share the form (3-10% on their NCCL rows). *All rows* stay at
   37-42%: vLLM's custom all-reduce (up to ~1.7x faster than NCCL for small messages) and Vidur's
   torch.distributed timings (1.5-5x slower) are different implementations and are scored only.
-* **GEMM (10.6% H100, 9.5% A100).** What remains is mostly a disagreement between the two large
-  sources: for 64 < M <= 1024, AIConfigurator's bf16 cuBLASLt timings come out 15-25% faster than the
-  fitted curve while Vidur's fp16 PyTorch timings come out 10-25% slower, and one efficiency curve
-  splits the difference (fitted alone, AIConfigurator reaches ~11-15% and Vidur ~5-7%). Kernels
-  under ~10 us (launch jitter, operands resident in L2, the serial K loop of small-M, small-N shapes)
-  are the other part. Tried and not kept: an efficiency ramp in output tiles (M x N) plus a serial-K
-  floor (-0.6 points: not worth two more parameters), an L2-resident bandwidth for small operands
-  (no gain), tile padding of M and N and a wave-quantisation term (no gain).
+* **GEMM (10.1% H100, 8.9% A100).** New: a floor for the serial K loop of one output tile
+  (`mist.cost.roofline.gemm_serial_bytes`: a 128 x 128 tile streams K x 128 x (weight + activation
+  bytes) alone; fitted at ~1.7-1.9 TB/s per tile on A100/H100/H200), which small-M, small-N GEMMs
+  with a long K loop hit (10.6% -> 10.1% H100, 9.5% -> 8.9% A100). What remains is mostly a
+  disagreement between the two large sources: for 64 < M <= 1024, AIConfigurator's bf16 cuBLASLt
+  timings come out 15-25% faster than the fitted curve while Vidur's fp16 PyTorch timings come out
+  10-25% slower, and one efficiency curve splits the difference (fitted alone, AIConfigurator reaches
+  ~11-15% and Vidur ~5-7%). Tried and not kept: an efficiency ramp in output tiles (M x N) on top of
+  the K floor (0.1 point), an L2-resident bandwidth for small operands (no gain), tile padding of M
+  and N and a wave-quantisation term (no gain).
 * **Prefill attention (10.8% H100, 15.7% A100).** New: the query tile packs the query heads that
   share a KV head (GQA: a sequence pads tile / q_per_kv query rows per head instead of a whole tile;
   `Replica.q_per_kv`), and a per-pair cost that does not scale with the head width (softmax,
