@@ -33,6 +33,13 @@ def run_chunk_batched(dims: EngineDims, length: int, cl: ClientTable, topo: Topo
     return jax.vmap(lambda c, t, w, n, s: run_chunk.__wrapped__(dims, length, c, t, w, n, s))(cl, topo, wl, n_valid, st)
 
 
+def compiler_options() -> dict:
+    """XLA options for the engine's programs. On CPU, copy insertion with region analysis: without it
+    XLA keeps a copy of a client's whole ready-time queue every step (the queue is read by kernels
+    it cannot order before the step's writes), work that grows with the workload's length."""
+    return {"xla_cpu_copy_insertion_use_region_analysis": True} if jax.default_backend() == "cpu" else {}
+
+
 class SimulationStuck(RuntimeError):
     """The scan made no progress although requests remain (a deployment that cannot serve them)."""
 
@@ -66,7 +73,7 @@ def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workl
         fn = run_chunk
     max_steps = max_steps or 64 * (dims.num_requests + 16) * dims.stages
     t0 = time.perf_counter()
-    compiled = fn.lower(dims, chunk, cl, topo, wl, n_valid, st).compile()
+    compiled = fn.lower(dims, chunk, cl, topo, wl, n_valid, st).compile(compiler_options=compiler_options())
     compile_s = time.perf_counter() - t0
     total = int(jnp.sum(n_valid))
     bar = None

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..engine.run import default_chunk, run_chunk_batched
+from ..engine.run import compiler_options, default_chunk, run_chunk_batched
 from ..engine.state import init_state
 from ..engine.tables import EngineDims
 from .lowering import LoweredSweep, bytes_per_config
@@ -128,7 +128,8 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
         t0 = time.perf_counter()
         st = prog["init"](keys_d)
         if B not in prog["compiled"]:
-            prog["compiled"][B] = prog["run"].lower(cl, topo, wl, n_valid_d, st).compile()
+            prog["compiled"][B] = prog["run"].lower(cl, topo, wl, n_valid_d, st).compile(
+                compiler_options=compiler_options())
             info.compile_s += time.perf_counter() - t0
             t0 = time.perf_counter()
         fn = prog["compiled"][B]
