@@ -74,7 +74,12 @@ def _with_cache(d: dict, args) -> dict:
     if args.prefix_cache_hit_rate is not None:
         d["cached_tokens"] = cached_from_hit_rate(d["input_tokens"], args.prefix_cache_hit_rate, args.block_size)
     elif args.enable_prefix_caching and "prefix_hash" in d and np.asarray(d["prefix_hash"]).max() >= 0:
-        d["cached_tokens"] = cached_from_hashes(d["prefix_hash"], d["input_tokens"], capacity_blocks=1 << 16)
+        from ..lowering.prefix_cache import predicted_clients
+
+        clients, replicas = predicted_clients(_deployment(args), np.zeros(len(d["input_tokens"]), np.int64),
+                                              d["prefix_hash"])
+        d["cached_tokens"] = cached_from_hashes(d["prefix_hash"], d["input_tokens"], capacity_blocks=1 << 16,
+                                                clients=clients, replicas=replicas)
     return d
 
 

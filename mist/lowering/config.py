@@ -13,7 +13,7 @@ import numpy as np
 from ..specs._toml import Fields, read_spec_file
 from ..specs.errors import SpecError
 from .deployment import POLICIES, ROLES, ROUTERS, ClientSpec, Deployment, LinkSpec, PipelineSpec, StageSpec
-from .prefix_cache import cached_from_hashes, cached_from_hit_rate
+from .prefix_cache import cached_from_hashes, cached_from_hit_rate, predicted_clients
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -76,8 +76,10 @@ def parse_client(f: Fields, where: str) -> list[ClientSpec]:
     return [ClientSpec(name=name if count == 1 else f"{name}{i}", **base) for i in range(count)]
 
 
-def load_workload(f: Fields | None, where: str, base_dir: Path):
-    """Requests from a `workload` table: a trace (bundled name or path) or a synthetic spec."""
+def load_workload(f: Fields | None, where: str, base_dir: Path, dep: Deployment | None = None):
+    """Requests from a `workload` table: a trace (bundled name or path) or a synthetic spec. With
+    `dep`, trace prefix hashes are replayed through one LRU per replica the router will pick (see
+    `prefix_cache.predicted_clients`); without, through one cache."""
     from ..workload import bundled_trace, bundled_trace_names, generate, load_trace
 
     if f is None:
@@ -115,10 +117,6 @@ def load_workload(f: Fields | None, where: str, base_dir: Path):
                      "num_requests", "arrival", "input", "output", "prefix_cache_hit_rate", "prefix_cache_blocks",
                      "prefix_block_tokens", "pipeline_mix"})
     d = reqs.to_numpy(valid_only=True)
-    if hit is not None:
-        d["cached_tokens"] = cached_from_hit_rate(d["input_tokens"], hit)
-    elif lru_blocks is not None:
-        d["cached_tokens"] = cached_from_hashes(d["prefix_hash"], d["input_tokens"], lru_blocks, block_tokens)
     if mix is not None:
         if not isinstance(mix, list) or not all(isinstance(x, (int, float)) and x >= 0 for x in mix) or sum(mix) <= 0:
             raise SpecError(where, "workload.pipeline_mix", "expected a list of non-negative weights per pipeline",
@@ -126,6 +124,13 @@ def load_workload(f: Fields | None, where: str, base_dir: Path):
         rng = np.random.default_rng(seed)
         w = np.asarray(mix, dtype=float)
         d["pipeline"] = rng.choice(len(w), size=len(d["arrival"]), p=w / w.sum())
+    if hit is not None:
+        d["cached_tokens"] = cached_from_hit_rate(d["input_tokens"], hit)
+    elif lru_blocks is not None:  # a capacity per replica
+        clients, replicas = (None, None) if dep is None else predicted_clients(dep, d.get("pipeline", np.zeros(
+            len(d["input_tokens"]), np.int64)), d.get("prefix_hash"))
+        d["cached_tokens"] = cached_from_hashes(d["prefix_hash"], d["input_tokens"], lru_blocks, block_tokens,
+                                                clients=clients, replicas=replicas)
     return d
 
 
@@ -180,12 +185,12 @@ def parse_config(data: dict, where: str = "<config>", base_dir: Path | None = No
                         queue=ef.number("queue", None, integer=True, positive=True))
     ef.check_unknown({"stretch", "seed", "seeds", "slots", "window", "queue"})
     slo = dict(f.raw("slo", {}) or {})
-    reqs = load_workload(f.table("workload", None), where, base_dir)
-    if len(pipes) > 1 and int(np.max(reqs["pipeline"])) >= len(pipes):
-        raise SpecError(where, "workload.pipeline_mix", "names more pipelines than are defined", "fix the mix")
     f.check_unknown({"name", "clients", "pipelines", "routers", "links", "engine", "slo", "workload", "description"})
     dep = Deployment(clients=clients, pipelines=pipes, routers=routers, links=links, name=name)
     dep = finalize(dep, where)  # validation (stage pools, memory fit, tier links) and stage costs
+    reqs = load_workload(f.table("workload", None), where, base_dir, dep)
+    if len(pipes) > 1 and int(np.max(reqs["pipeline"])) >= len(pipes):
+        raise SpecError(where, "workload.pipeline_mix", "names more pipelines than are defined", "fix the mix")
     if extras:
         reqs = apply_extras(dep, reqs, extras, where, eng.seed)
     return SimConfig(deployment=dep, requests=reqs, engine=eng, slo=slo, path=where)

@@ -2,9 +2,12 @@
 
 Two modes: a given hit rate (a fraction of each prompt, rounded down to whole blocks), or trace
 hash ids (Mooncake-style prefix-block ids) replayed through a bounded LRU cache of blocks in
-arrival order. The LRU replay assumes prefix-affinity routing (a prefix always reaches the same
-replica, so the replicas' caches act as one cache of their summed capacity) and that a block
-enters the cache when its request arrives; both are stated in the results' notes.
+arrival order, one cache per client. The replica a request reaches is the one the engine's router
+will pick when that choice does not depend on the simulation's state: the LLM pool serves the
+first stage of the request's pipeline and routes round-robin (the k-th request routed there goes
+to member k mod n) or by prefix affinity (first block id mod n, round-robin without one). Otherwise
+(least-outstanding routing, or an LLM stage behind other stages) the pool's replicas share one
+cache of their summed capacity. A block enters the cache when its request arrives.
 """
 
 from __future__ import annotations
@@ -61,7 +64,54 @@ def replay_lru_tiers(prefix_hash: np.ndarray, input_tokens: np.ndarray, capaciti
 
 
 def cached_from_hashes(prefix_hash: np.ndarray, input_tokens: np.ndarray, capacity_blocks: int,
-                       block_tokens: int = 512) -> np.ndarray:
-    """Replay prefix-block ids through one LRU of `capacity_blocks`; a request's cached tokens are
-    its leading run of blocks found in the cache (times `block_tokens`, at most prompt - 1)."""
-    return replay_lru_tiers(prefix_hash, input_tokens, [capacity_blocks], block_tokens)[1]
+                       block_tokens: int = 512, clients: np.ndarray | None = None,
+                       replicas: dict | None = None) -> np.ndarray:
+    """Replay prefix-block ids through an LRU of `capacity_blocks` per client. `clients[i]` is the
+    cache request i reaches (-1: none, nothing cached; None: one cache for all), `replicas[c]` how
+    many clients' capacity cache c pools (default 1). A request's cached tokens are its leading run
+    of blocks found in its cache (times `block_tokens`, at most prompt - 1)."""
+    ph, inp = np.asarray(prefix_hash), np.asarray(input_tokens)
+    if clients is None:
+        return replay_lru_tiers(ph, inp, [capacity_blocks], block_tokens)[1]
+    clients = np.asarray(clients)
+    out = np.zeros(len(inp), np.int64)
+    for c in np.unique(clients[clients >= 0]):
+        rows = np.flatnonzero(clients == c)
+        cap = capacity_blocks * (replicas or {}).get(int(c), 1)
+        out[rows] = replay_lru_tiers(ph[rows], inp[rows], [cap], block_tokens)[1]
+    return out
+
+
+def predicted_clients(dep, pipeline: np.ndarray, prefix_hash: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    """(cache id per request, number of caches): the client each request's LLM stage will reach when
+    the router decides it from arrival order alone (see the module doc), else one shared cache per
+    pool (the pool's replicas acting as one cache, sized by their count)."""
+    pipeline = np.asarray(pipeline, np.int64)
+    n = len(pipeline)
+    pk = (np.asarray(prefix_hash)[:, 0] if prefix_hash is not None and np.asarray(prefix_hash).ndim == 2
+          else np.full(n, -1))
+    cache = np.full(n, -1, np.int64)
+    names = [c.name for c in dep.clients]
+    sizes = {}
+    rr: dict[str, int] = {}
+    for i in range(n):
+        stages = dep.pipelines[int(pipeline[i])].stages
+        llm = next((k for k, s in enumerate(stages)
+                    if any(c.pool == s.pool and c.kind == "llm" for c in dep.clients)), None)
+        if llm is None:
+            continue
+        pool = stages[llm].pool
+        members = [j for j, c in enumerate(dep.clients) if c.pool == pool]
+        router = dep.routers.get(pool, "round-robin")
+        if llm > 0 or router not in ("round-robin", "prefix-affinity"):
+            cache[i] = len(names) + sorted({s.pool for p in dep.pipelines for s in p.stages}).index(pool)
+            sizes[int(cache[i])] = len(members)
+            continue
+        if router == "prefix-affinity" and pk[i] >= 0:
+            k = int(pk[i]) % len(members)
+        else:
+            k = rr.get(pool, 0) % len(members)
+            rr[pool] = rr.get(pool, 0) + 1
+        cache[i] = members[k]
+        sizes[int(cache[i])] = 1
+    return cache, sizes
