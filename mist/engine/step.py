@@ -367,10 +367,10 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # serves both: with no prefill rows its non-attention parts are the stretch's constant.
     parts = iteration_breakdown(params, replica, b0)
     dt_general = sum(parts.values())
-    # the decode rows, permuted by one sort on the KV-block residues (see below): the [W, S] kernels of the
-    # stretch then read materialised rows instead of recomputing the whole slot logic per element
+    # the decode rows, materialised: the [W, S] kernels of the stretch then read them instead of
+    # recomputing the whole slot logic per element
     y = prompt + gen
-    resid_p, ctx_p, dec_p = _materialise(jnp.where(dec_now, y % bs, -1).astype(I32), ctx0, dec_now.astype(I32))
+    ctx_p, dec_p = _materialise(ctx0, dec_now.astype(I32))
     dt_stretch = decode_stretch_times(params, replica, ctx_p, dec_p > 0, js.astype(F64), const=decode_constant(parts))
     dts_llm = jnp.where(decode_only, dt_stretch, dt_general)
     n_items = jnp.where(active & new_slot, 1, 0).sum()
@@ -392,7 +392,11 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # sum over decoding slots of ceil((x + j) / bs), x = prompt + gen + 1, from the residues
     # y mod bs (y = x - 1): ceil((x + j)/bs) = y // bs + 1 + j // bs + [y mod bs >= bs - j mod bs]
     base_blocks = jnp.where(dec_now, y // bs + 1, 0).sum()
-    n_crossing = jnp.sum(resid_p[None, :] >= (bs - js % bs).astype(I32)[:, None], axis=1)
+    # [y mod bs >= bs - m] <=> v <= m with v = bs - (y mod bs) in 1..bs: a histogram of v (capped at W,
+    # since m = j mod bs < W) and its prefix sums give the count for every j in O(S + W)
+    v = jnp.where(dec_now, jnp.minimum(bs - y % bs, W), W + 1)
+    below = jnp.cumsum(jnp.zeros(W + 2, I32).at[v].add(1))  # below[m] = #{v <= m}
+    n_crossing = below[js % bs]
     blocks_j = base_blocks + dec_now.sum() * (js // bs) + n_crossing + others
     pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
     ok = (js < min_rem) & ((blocks_j <= cap) | ~is_llm) & (starts < t_before) & (starts <= t_after) & (starts < pending)
