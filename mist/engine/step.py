@@ -35,6 +35,16 @@ def _prefix_true(x):
     return i < jnp.min(jnp.where(x, x.shape[-1], i), axis=-1, keepdims=True)
 
 
+def _slot_sums(*xs):
+    """Sums over the slot axis of several same-length vectors (bools and ints exactly), as one
+    matrix-vector product: on XLA CPU each separate reduction over more than 32 elements costs two
+    kernels (a tree of partial sums), and these small kernels, not arithmetic, bound a step."""
+    m = jnp.stack([jnp.asarray(x).astype(F64) for x in xs])
+    tot = m @ jnp.ones(m.shape[-1], F64)
+    return tuple(tot[i].astype(jnp.asarray(x).dtype if jnp.asarray(x).dtype != bool else I32)
+                 for i, x in enumerate(xs))
+
+
 def _rank_among_equal(key, mask):
     """For every item: how many earlier items (lower index) have the same key, counting masked items
     only (an [M, M] compare: cheaper than a one-hot cumulative sum for the window sizes used)."""
@@ -236,11 +246,14 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     rid, stage, prompt, done, pf_target, prefill, gen, target, order = _unpack(st.slots[c])
     last_tok = st.s_last_tok[c]
     active = rid >= 0  # a prefix of the slots
-    n_active = active.sum().astype(I32)
     decoding = active & ~prefill & (gen < target)
     held = jnp.where(active, jnp.where(prefill, pf_target, prompt + gen), 0)
     blocks_held = _cdiv(held, bs)
     grown = jnp.where(decoding, _cdiv(prompt + gen + 1, bs), blocks_held)
+    grown_act = jnp.where(active, grown, 0)
+    run_chunk_cap = jnp.where(prefill, jnp.minimum(pf_target - done, cl.chunk_size[c]), 0)
+    n_active, n_dec, need_blocks, run_chunk_tokens, blocks_held_sum = _slot_sums(
+        active, decoding, grown_act, run_chunk_cap, blocks_held)
 
     # ---- queue window
     qlen = st.q_tail[c] - st.q_head[c]
@@ -266,17 +279,13 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     w_blocks = jnp.where(is_llm, _cdiv(jnp.where(direct, w_prompt + gen0, w_pf_target), bs), 0)
 
     # ---- admission (tested before preemption: exclusive policies grow decodes only when they do not admit)
-    n_dec = decoding.sum()
-    run_chunk_cap = jnp.where(prefill, jnp.minimum(pf_target - done, cl.chunk_size[c]), 0)
-    grown_act = jnp.where(active, grown, 0)
-    need_blocks = grown_act.sum()
     free_slots = s_eff - n_active
     gate = jnp.where(pol == Policy.CHUNKED, True,
                      jnp.where(pol == Policy.CONTINUOUS, True, n_active == 0))
     n_ready = rdy.sum()
     gate = gate & jnp.where(pol == Policy.STATIC, (n_ready >= s_eff) | (st.cursor >= n_valid), True)
     # token budget left for new prefills
-    run_prefill_tokens = jnp.where(exclusive, 0, run_chunk_cap.sum())
+    run_prefill_tokens = jnp.where(exclusive, 0, run_chunk_tokens)
     budget = cl.max_batched_tokens[c] - jnp.where(exclusive, 0, n_dec) - run_prefill_tokens
     capped = jnp.where(exclusive, w_need, jnp.minimum(w_need, cl.chunk_size[c]))
     before = _excl_cumsum(capped)
@@ -286,7 +295,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     tok_ok = jnp.where(exclusive, (before + w_need <= budget) | ((w == 0) & (n_active == 0)),
                        (w_chunk > 0) | (w_need == 0))
     tok_ok = tok_ok | ~is_llm
-    free_blocks = cap - jnp.where(exclusive, blocks_held.sum(), need_blocks)
+    free_blocks = cap - jnp.where(exclusive, blocks_held_sum, need_blocks)
     kv_ok = (jnp.cumsum(w_blocks) <= free_blocks) | ~is_llm
     slot_ok = w < free_slots
     preempt_chunked = (~exclusive) & (need_blocks > cap)
@@ -349,7 +358,11 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     chunk = jnp.where(exclusive & ~new_slot, 0, chunk)
     chunk = jnp.where(is_llm, chunk, jnp.where(active, prompt, 0))
     chunk = jnp.where(go, chunk, 0)
-    decode_only = (chunk.sum() == 0) & is_llm & (n_admit == 0) & ~preempting
+    y = prompt + gen
+    n_chunk, n_items, others, base_blocks = _slot_sums(
+        chunk, active & new_slot, jnp.where(active & ~dec_now, blocks_held, 0),  # blocks_held: slots keep their index
+        jnp.where(dec_now, y // bs + 1, 0))
+    decode_only = (n_chunk == 0) & is_llm & (n_admit == 0) & ~preempting
 
     # ---- iteration times for up to W consecutive decode iterations
     # the cost model runs in float64 here: float32 durations carry ~1 ns of rounding noise that
@@ -369,12 +382,10 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     dt_general = sum(parts.values())
     # the decode rows, materialised: the [W, S] kernels of the stretch then read them instead of
     # recomputing the whole slot logic per element
-    y = prompt + gen
     ctx_p, dec_p = _materialise(ctx0, dec_now.astype(I32))
     dt_stretch = decode_stretch_times(params, replica, ctx_p, dec_p > 0, js.astype(F64), const=decode_constant(parts))
     dts_llm = jnp.where(decode_only, dt_stretch, dt_general)
-    n_items = jnp.where(active & new_slot, 1, 0).sum()
-    dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * chunk.sum()
+    dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * n_chunk
     dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64)
     sigma = params.step_noise_sigma
     z = _iteration_normals(st.key, c, st.iters[c] + js)
@@ -388,10 +399,8 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # ---- how many iterations to advance
     rem_dec = jnp.where(dec_now, target - gen, jnp.iinfo(jnp.int32).max)
     min_rem = rem_dec.min()
-    others = jnp.where(active & ~dec_now, blocks_held, 0).sum()  # slots keep their index through this step
     # sum over decoding slots of ceil((x + j) / bs), x = prompt + gen + 1, from the residues
     # y mod bs (y = x - 1): ceil((x + j)/bs) = y // bs + 1 + j // bs + [y mod bs >= bs - j mod bs]
-    base_blocks = jnp.where(dec_now, y // bs + 1, 0).sum()
     # [y mod bs >= bs - m] <=> v <= m with v = bs - (y mod bs) in 1..bs: a histogram of v (capped at W,
     # since m = j mod bs < W) and its prefix sums give the count for every j in O(S + W)
     v = jnp.where(dec_now, jnp.minimum(bs - y % bs, W), W + 1)
