@@ -87,6 +87,15 @@ def decode_tile_keys(params: CostParams, keys):
     return jnp.maximum(keys, params.m_half[Op.ATTN_DECODE])
 
 
+def _sums(*xs):
+    """Sums over the last axis of same-shaped arrays, as one matrix-vector product: on XLA CPU each
+    separate reduction over more than 32 elements is two small kernels, and the simulator's step
+    is bound by the number of kernels, not by arithmetic."""
+    m = jnp.stack(jnp.broadcast_arrays(*[jnp.asarray(x) for x in xs]), axis=-2)
+    tot = m @ jnp.ones(m.shape[-1], m.dtype)
+    return tuple(tot[..., i] for i in range(len(xs)))
+
+
 def decode_attention_time(params: CostParams, rep: Replica, decode_context, dm):
     """Paged decode attention over every decoding sequence (dm: 0/1 mask); the trailing axis of
     `decode_context` is the batch, leading axes (if any) are evaluated independently."""
@@ -97,8 +106,7 @@ def decode_attention_time(params: CostParams, rep: Replica, decode_context, dm):
     # keys read per sequence, each layer reading at least one KV tile (see decode_tile_keys)
     keys = (full_layers * decode_tile_keys(params, att) + rep.sliding_layers * decode_tile_keys(params, att_win)) * dm
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
-    dc_flops = jnp.sum(2.0 * width_d * keys, axis=-1)
-    dc_bytes = jnp.sum(keys * rep.kv_bytes_token_layer + L * dm * width_d * rep.act_bytes, axis=-1)
+    dc_flops, dc_bytes = _sums(2.0 * width_d * keys, keys * rep.kv_bytes_token_layer + L * dm * width_d * rep.act_bytes)
     # MHA kernels that do not split the context: the longest sequence's thread block (see
     # Replica.kv_bytes_serial, serial_keys)
     serial = serial_keys(params, rep, jnp.max(jnp.where(dm > 0, att, -_BIG), axis=-1)) * rep.kv_bytes_serial
@@ -168,13 +176,26 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     dm = batch.decode_mask.astype(jnp.float32)
     q = batch.prefill_tokens * pm
     c = batch.prefill_context * pm
-    n_pre_tok = jnp.sum(q)
-    n_dec = jnp.sum(dm)
-    n_seq = jnp.sum(pm) + n_dec
-    T = n_pre_tok + n_dec  # tokens through the linear layers
-    n_sample = jnp.sum(pm * batch.prefill_last.astype(jnp.float32)) + n_dec
     ab = rep.act_bytes
     L = rep.num_layers
+
+    # ---- prefill attention, per sequence (per-sequence efficiency: short chunks use the machine less)
+    full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)
+    full_layers = L - rep.sliding_layers
+    width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
+    # per sequence and layer kind: tile-padded pairs (see prefill_tile_pairs)
+    pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs, rep.q_per_kv)
+                    + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
+    kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
+    # per pair: the dot products plus the work that does not scale with the head width (softmax)
+    n_pre_tok, n_pf, n_pf_last, pf_flops_eff, pf_bytes = _sums(
+        q, pm, pm * batch.prefill_last.astype(jnp.float32),
+        2.0 * (width + rep.heads * params.pair_width[Op.ATTN_PREFILL]) * pf_pairs_eff,
+        kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer))
+    n_dec = jnp.sum(dm)
+    n_seq = n_pf + n_dec
+    T = n_pre_tok + n_dec  # tokens through the linear layers
+    n_sample = n_pf_last + n_dec
 
     # ---- dense GEMMs of all layers
     g_on = (rep.gemm_n > 0) & (rep.gemm_layers > 0)
@@ -193,17 +214,7 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     t_lm = kernel_time(params, Op.GEMM, lm_flops, lm_bytes, rep.peak_gemm, rep.mem_bw, n_sample, 1.0,
                        serial_bytes=gemm_serial_bytes(h, rep.w_bytes, ab))
 
-    # ---- prefill attention (per-sequence efficiency: short chunks use the machine less)
-    full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)
-    full_layers = L - rep.sliding_layers
-    width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
-    # per sequence and layer kind: tile-padded pairs (see prefill_tile_pairs)
-    pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs, rep.q_per_kv)
-                    + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
-    # per pair: the dot products plus the work that does not scale with the head width (softmax)
-    pf_flops_eff = jnp.sum(2.0 * (width + rep.heads * params.pair_width[Op.ATTN_PREFILL]) * pf_pairs_eff)
-    kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
-    pf_bytes = jnp.sum(kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer))
+    # ---- prefill attention
     any_pf = n_pre_tok > 0
     t_attn_p = jnp.where(any_pf, kernel_time(params, Op.ATTN_PREFILL, pf_flops_eff, pf_bytes, rep.peak_attn,
                                               rep.mem_bw, _BIG, L), 0.0)

@@ -14,7 +14,8 @@ from ..cost.replica import lower_replica
 from ..specs.catalog import get_hardware, get_model
 from ..specs.errors import SpecError
 from ..specs.model import Precision
-from ..engine.tables import ClientTable, EngineDims, Kind, Policy, Role, Router, Topology, Workload, default_queue, uniform_swap
+from ..engine.tables import (ClientTable, EngineDims, Kind, Policy, Role, Router, Topology, Workload, default_queue,
+                             uniform_swap)
 
 POLICIES = {"static": Policy.STATIC, "continuous": Policy.CONTINUOUS, "chunked": Policy.CHUNKED,
             "decode-priority": Policy.DECODE_PRIORITY, "decode_priority": Policy.DECODE_PRIORITY}
@@ -377,7 +378,8 @@ def stack_lowered(items: list[Lowered]) -> Lowered:
         if it.dims != dims:
             raise ValueError("configs must be lowered to the same capacities to be stacked")
     st = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
-    return Lowered(dims=dims, clients=st(uniform_swap([i.clients for i in items])), topology=st([i.topology for i in items]),
+    return Lowered(dims=dims, clients=st(uniform_swap([i.clients for i in items])),
+                   topology=st([i.topology for i in items]),
                    workload=st([i.workload for i in items]), client_names=items[0].client_names,
                    pool_names=items[0].pool_names, pipeline_names=items[0].pipeline_names,
                    notes={"configs": [i.notes for i in items]})

@@ -80,7 +80,8 @@ def _base(model: str, hardware: str, trace: str, num_requests: int) -> dict:
 
 def search(model: str = "llama-3.1-8b", rate: float = 10.0, hardware=("h100", "h200"), tp=(1, 2),
            max_replicas: int = 8, trace: str = "azure_conv_2023", num_requests: int = 300, slo: dict | None = None,
-           top: int = 5, refine: bool = False, out=None, progress: bool = False, run: dict | None = None) -> SearchResult:
+           top: int = 5, refine: bool = False, out=None, progress: bool = False,
+           run: dict | None = None) -> SearchResult:
     """Cheapest deployment of `model` meeting `slo` at `rate` requests/s (see the module doc). `run`
     overrides the sweep's run options (capacities, configs per chunk), e.g. to share a compiled program."""
     import time
