@@ -197,6 +197,33 @@ def test_cross_vendor_quick_runs(tmp_path, swept):
     assert (tmp_path / "cross_vendor_dse.png").exists()
 
 
+def test_max_sustainable_rate_brackets_and_runs_only_open_configs(swept):
+    """Each config meets the SLO at its max_rate and misses it at its finite upper bound; only
+    configs whose bracket is open are simulated (all at low, those passing low at high, then the
+    undecided ones each round)."""
+    from mist.sweep import max_sustainable_rate, prepare
+
+    slo = {"ttft_ms": 60.0, "tpot_ms": 12.0}  # configs 0 and 1 are bracketed, 3 and 4 pass even at `high`
+    pts = [{k: v for k, v in p.items() if k != "rate"} for p in POINTS]
+    prep = prepare({**spec(pts), "slo": slo})
+    rounds = 2
+    res = max_sustainable_rate(prep, low=0.5, high=64.0, rounds=rounds)
+    assert list(res["config"]) == [0, 1, 3, 4]
+    passed_lo = res["max_rate"] > 0
+    open_ = passed_lo & np.isfinite(res["upper"])
+    assert prep.info.configs == len(res) + int(passed_lo.sum()) + rounds * int(open_.sum())
+    assert (res.loc[~passed_lo, "upper"] == 0.5).all()
+    assert open_.sum() == 2 and (res["upper"] == np.inf).sum() == 2
+    for col, want in (("max_rate", True), ("upper", False)):
+        rate = {int(c): float(r) for c, r in zip(res["config"], res[col]) if 0 < r < np.inf}
+        if not rate:
+            continue
+        check = mist.sweep({**spec([{**p, "rate": rate.get(i, 1.0)} for i, p in enumerate(pts)]), "slo": slo},
+                           progress=False)
+        for c in rate:
+            assert bool(check.loc[c, "slo_met"]) is want, (col, c, rate[c])
+
+
 def test_search_finds_the_cheapest_deployment_meeting_the_slo(swept):
     """`mist search` on a 4-deployment grid (sharing this module's compiled program): the answer meets
     the SLO, nothing cheaper in the table does, runners-up follow in price order; an impossible SLO

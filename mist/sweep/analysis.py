@@ -91,12 +91,13 @@ def max_sustainable_rate(prep, slo=None, *, low: float | None = None, high: floa
     """Highest arrival rate (requests/s) at which each feasible config of a prepared sweep
     (`mist.sweep.prepare`) still meets the SLOs, by bisection in log-rate.
 
-    Every round runs all configs at their own midpoint rate as one vmapped batch (the workload's
+    Every round runs the configs at their own midpoint rate as one vmapped batch (the workload's
     arrivals rescaled; the compiled program is shared across rounds). The bracket defaults to
-    [own rate / 16, own rate x 16] around each config's rate. Columns: config, max_rate (the
-    highest rate that passed; 0 if even `low` fails), upper (lowest rate that failed; inf if even
-    `high` passes), and the passing run's output_tokens_per_dollar, output_throughput and
-    p99 TTFT / TPOT.
+    [own rate / 16, own rate x 16] around each config's rate. Only configs whose bracket is still
+    open are simulated: all at `low`, those that passed at `high`, then the undecided ones each
+    round. Columns: config, max_rate (the highest rate that passed; 0 if even `low` fails), upper
+    (lowest rate that failed: `low` itself if it fails, inf if even `high` passes), and the
+    passing run's output_tokens_per_dollar, output_throughput and p99 TTFT / TPOT.
     """
     from .configs import mean_rate
     from .runner import chunk_size, config_sharding, num_shards
@@ -115,20 +116,29 @@ def max_sustainable_rate(prep, slo=None, *, low: float | None = None, high: floa
     keep = ["output_tokens_per_dollar", "output_throughput", "request_throughput", "p99_ttft_ms", "p99_tpot_ms",
             "price_per_hour_usd"]
 
-    def judge(rates: np.ndarray):
-        lr = ls.with_rates({j: float(r) for j, r in enumerate(rates)})
+    nan_row = {k: math.nan for k in keep}
+
+    def judge(rates: np.ndarray, run: np.ndarray):
+        """Run the configs where `run` is set at their `rates`; the others are not simulated (met
+        False, rows nan), so each round costs only the configs whose bracket is still open."""
         from .runner import run_chunks
 
+        todo = [int(j) for j in np.flatnonzero(run)]
+        lr = ls.with_rates({j: float(rates[j]) for j in todo})
         rows = summarize_rows(lr, run_chunks(lr, configs_per_chunk=B, devices=devices, progress=progress,
-                                             info=prep.info, seed=prep.spec.base.engine.seed), slo)
-        met = np.array([bool(rows[ls.feasible[j]].get("slo_met")) for j in range(n)])
-        return met, [{k: rows[ls.feasible[j]].get(k, math.nan) for k in keep} for j in range(n)]
+                                             info=prep.info, seed=prep.spec.base.engine.seed, rows=todo), slo)
+        met = np.zeros(n, bool)
+        got = [nan_row] * n
+        for j in todo:
+            met[j] = bool(rows[ls.feasible[j]].get("slo_met"))
+            got[j] = {k: rows[ls.feasible[j]].get(k, math.nan) for k in keep}
+        return met, got
 
-    met_lo, best = judge(lo)
-    met_hi, at_hi = judge(hi)
+    met_lo, best = judge(lo, np.ones(n, bool))
+    met_hi, at_hi = judge(hi, met_lo)  # a config that fails at `low` is not tried at `high`
     passed = np.where(met_lo, lo, 0.0)
-    failed = np.where(met_hi, np.inf, hi)
-    best = [at_hi[j] if met_hi[j] else best[j] if met_lo[j] else {k: math.nan for k in keep} for j in range(n)]
+    failed = np.where(met_hi, np.inf, np.where(met_lo, hi, lo))
+    best = [at_hi[j] if met_hi[j] else best[j] if met_lo[j] else dict(nan_row) for j in range(n)]
     passed = np.where(met_hi, hi, passed)
     active = met_lo & ~met_hi
     a, b = lo.copy(), hi.copy()
@@ -136,7 +146,7 @@ def max_sustainable_rate(prep, slo=None, *, low: float | None = None, high: floa
         if not active.any():
             break
         mid = np.sqrt(a * b)
-        met, rows = judge(np.where(active, mid, a))
+        met, rows = judge(mid, active)
         up = active & met
         down = active & ~met
         a = np.where(up, mid, a)
