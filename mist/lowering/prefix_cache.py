@@ -83,9 +83,13 @@ def cached_from_hashes(prefix_hash: np.ndarray, input_tokens: np.ndarray, capaci
 
 
 def predicted_clients(dep, pipeline: np.ndarray, prefix_hash: np.ndarray | None) -> tuple[np.ndarray, dict]:
-    """(cache id per request, number of caches): the client each request's LLM stage will reach when
-    the router decides it from arrival order alone (see the module doc), else one shared cache per
-    pool (the pool's replicas acting as one cache, sized by their count)."""
+    """(cache id per request, {cache id: replicas whose capacity it pools}): the client each request's
+    LLM stage will reach when the router decides it from arrival order alone (see the module doc),
+    else one shared cache per pool (its replicas acting as one cache of their summed capacity);
+    -1 for requests that reach no LLM."""
+    from ..engine.tables import Router
+    from .deployment import ROUTERS
+
     pipeline = np.asarray(pipeline, np.int64)
     n = len(pipeline)
     pk = (np.asarray(prefix_hash)[:, 0] if prefix_hash is not None and np.asarray(prefix_hash).ndim == 2
@@ -102,12 +106,12 @@ def predicted_clients(dep, pipeline: np.ndarray, prefix_hash: np.ndarray | None)
             continue
         pool = stages[llm].pool
         members = [j for j, c in enumerate(dep.clients) if c.pool == pool]
-        router = dep.routers.get(pool, "round-robin")
-        if llm > 0 or router not in ("round-robin", "prefix-affinity"):
+        router = ROUTERS.get(str(dep.routers.get(pool, "round-robin")).lower(), Router.ROUND_ROBIN)
+        if llm > 0 or router == Router.LEAST_OUTSTANDING:
             cache[i] = len(names) + sorted({s.pool for p in dep.pipelines for s in p.stages}).index(pool)
             sizes[int(cache[i])] = len(members)
             continue
-        if router == "prefix-affinity" and pk[i] >= 0:
+        if router == Router.PREFIX_AFFINITY and pk[i] >= 0:
             k = int(pk[i]) % len(members)
         else:
             k = rr.get(pool, 0) % len(members)
