@@ -87,7 +87,7 @@ def decode_tile_keys(params: CostParams, keys):
     return jnp.maximum(keys, params.m_half[Op.ATTN_DECODE])
 
 
-def _sums(*xs):
+def sum_rows(*xs):
     """Sums over the last axis of same-shaped arrays, as one matrix-vector product: on XLA CPU each
     separate reduction over more than 32 elements is two small kernels, and the simulator's step
     is bound by the number of kernels, not by arithmetic."""
@@ -100,27 +100,24 @@ def decode_attention_time(params: CostParams, rep: Replica, decode_context, dm):
     """Paged decode attention over every decoding sequence (dm: 0/1 mask); the trailing axis of
     `decode_context` is the batch, leading axes (if any) are evaluated independently."""
     L = rep.num_layers
-    full_layers = L - rep.sliding_layers
     att = decode_context + 1.0
-    att_win = jnp.where(rep.window > 0, jnp.minimum(att, rep.window), att)
-    # keys read per sequence, each layer reading at least one KV tile (see decode_tile_keys)
-    keys = (full_layers * decode_tile_keys(params, att) + rep.sliding_layers * decode_tile_keys(params, att_win)) * dm
+    keys = layer_keys(params, rep, att) * dm
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
-    dc_flops, dc_bytes = _sums(2.0 * width_d * keys, keys * rep.kv_bytes_token_layer + L * dm * width_d * rep.act_bytes)
-    # MHA kernels that do not split the context: the longest sequence's thread block (see
-    # Replica.kv_bytes_serial, serial_keys)
-    serial = serial_keys(params, rep, jnp.max(jnp.where(dm > 0, att, -_BIG), axis=-1)) * rep.kv_bytes_serial
+    dc_flops, dc_bytes = sum_rows(2.0 * width_d * keys, keys * rep.kv_bytes_token_layer + L * dm * width_d * rep.act_bytes)
+    # MHA kernels that do not split the context: the longest sequence's thread block streams its keys
+    # alone (see Replica.kv_bytes_serial)
+    serial = layer_keys(params, rep, jnp.max(jnp.where(dm > 0, att, -_BIG), axis=-1)) * rep.kv_bytes_serial
     return kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
                        serial_bytes=serial)
 
 
-def serial_keys(params: CostParams, rep: Replica, longest):
-    """Keys, summed over the layers, that the thread block of the longest decoding sequence
-    (`longest` keys incl. the new token) reads when the kernel does not split contexts: at least a
-    KV tile per layer, sliding-window layers capped at the window. Times rep.kv_bytes_serial."""
+def layer_keys(params: CostParams, rep: Replica, att):
+    """Keys, summed over the layers, that decode attention reads for a sequence attending to `att`
+    keys (incl. the new token): at least one KV tile per layer (see decode_tile_keys), sliding-window
+    layers capped at the window."""
     tile = params.m_half[Op.ATTN_DECODE]
-    full = jnp.maximum(longest, tile)
-    win = jnp.clip(longest, tile, jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG))
+    full = jnp.maximum(att, tile)
+    win = jnp.clip(att, tile, jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG))
     return (rep.num_layers - rep.sliding_layers) * full + rep.sliding_layers * win
 
 
@@ -139,25 +136,21 @@ def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decod
                        decode_mask=decode_mask)
         const = decode_constant(iteration_breakdown(params, rep, b))
     offsets = jnp.asarray(offsets, decode_context.dtype)
-    # keys read at offset j: sum over decoding sequences of clip(context + 1 + j, tile, window), as one
-    # [J, S] elementwise kernel (cheaper than sorting and searching for the J x S sizes the engine uses)
+    # keys read at offset j: sum over decoding sequences of layer_keys(context + 1 + j), as one [J, S]
+    # elementwise kernel (cheaper than sorting and searching for the J x S sizes the engine uses)
     # (the engine passes materialised rows, see mist.engine.step._materialise: computed inside this fused
     # [J, S] kernel, they would be recomputed, with everything they derive from, for every element)
     n = jnp.sum(decode_mask)
     a0 = jnp.where(decode_mask, decode_context + 1.0, -jnp.inf)
     on = (a0 > -jnp.inf)[..., None, :]
     att = a0[..., None, :] + offsets[:, None]
-    tile = params.m_half[Op.ATTN_DECODE]
-    hi = jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)
-    keys_full = jnp.sum(jnp.where(on, jnp.maximum(att, tile), 0.0), axis=-1)
-    keys_win = jnp.sum(jnp.where(on, jnp.clip(att, tile, hi), 0.0), axis=-1)
+    keys = jnp.sum(jnp.where(on, layer_keys(params, rep, att), 0.0), axis=-1)
     L = rep.num_layers
-    keys = (L - rep.sliding_layers) * keys_full + rep.sliding_layers * keys_win
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
     dc_flops = 2.0 * width_d * keys
     dc_bytes = keys * rep.kv_bytes_token_layer + L * n * width_d * rep.act_bytes
     longest = jnp.max(jnp.where(decode_mask, decode_context + 1.0, -_BIG), axis=-1)[..., None] + offsets
-    serial = serial_keys(params, rep, longest) * rep.kv_bytes_serial
+    serial = layer_keys(params, rep, longest) * rep.kv_bytes_serial
     return const + kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
                                serial_bytes=serial)
 
@@ -188,7 +181,7 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
                     + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
     kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
     # per pair: the dot products plus the work that does not scale with the head width (softmax)
-    n_pre_tok, n_pf, n_pf_last, pf_flops_eff, pf_bytes = _sums(
+    n_pre_tok, n_pf, n_pf_last, pf_flops_eff, pf_bytes = sum_rows(
         q, pm, pm * batch.prefill_last.astype(jnp.float32),
         2.0 * (width + rep.heads * params.pair_width[Op.ATTN_PREFILL]) * pf_pairs_eff,
         kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..cost.iteration import MixedBatch, decode_constant, decode_stretch_times, iteration_breakdown
+from ..cost.iteration import MixedBatch, decode_constant, decode_stretch_times, iteration_breakdown, sum_rows
 from .state import EMPTY_SLOT, INF, SLOT_FIELDS, EngineState
 from .tables import ClientTable, EngineDims, Kind, Policy, Reject, Role, Router, Topology, Workload
 
@@ -36,13 +36,10 @@ def _prefix_true(x):
 
 
 def _slot_sums(*xs):
-    """Sums over the slot axis of several same-length vectors (bools and ints exactly), as one
-    matrix-vector product: on XLA CPU each separate reduction over more than 32 elements costs two
-    kernels (a tree of partial sums), and these small kernels, not arithmetic, bound a step."""
-    m = jnp.stack([jnp.asarray(x).astype(F64) for x in xs])
-    tot = m @ jnp.ones(m.shape[-1], F64)
-    return tuple(tot[i].astype(jnp.asarray(x).dtype if jnp.asarray(x).dtype != bool else I32)
-                 for i, x in enumerate(xs))
+    """Integer sums over the slot axis (bools as 0/1), exactly, through the cost model's one-kernel
+    row sums (float64 holds these counts exactly)."""
+    tot = sum_rows(*[jnp.asarray(x).astype(F64) for x in xs])
+    return tuple(t.astype(I32) for t in tot)
 
 
 def _rank_among_equal(key, mask):

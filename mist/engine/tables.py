@@ -7,10 +7,12 @@ be stacked and vmapped, fitted or swept without recompiling), and the evolving `
 
 from __future__ import annotations
 
+import dataclasses
 from enum import IntEnum
 from typing import NamedTuple
 
 import equinox as eqx
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ..cost.params import CostParams
@@ -125,10 +127,6 @@ class ClientTable(eqx.Module):
 def uniform_swap(tables: list) -> list:
     """Client tables to be stacked: give every one a swap_bandwidth array (zeros: recompute) when any
     has one, so that their tree structures agree."""
-    import dataclasses
-
-    import numpy as np
-
     if all(t.swap_bandwidth is None for t in tables):
         return list(tables)
     return [t if t.swap_bandwidth is not None else

@@ -94,21 +94,28 @@ def predicted_clients(dep, pipeline: np.ndarray, prefix_hash: np.ndarray | None)
     n = len(pipeline)
     pk = (np.asarray(prefix_hash)[:, 0] if prefix_hash is not None and np.asarray(prefix_hash).ndim == 2
           else np.full(n, -1))
+    llm_pools = {c.pool for c in dep.clients if c.kind == "llm"}
+    all_pools = sorted({s.pool for p in dep.pipelines for s in p.stages})
+    # per pipeline: (pool of its first LLM stage, its members, router, whether arrival order decides)
+    plan = []
+    for p in dep.pipelines:
+        k = next((k for k, s in enumerate(p.stages) if s.pool in llm_pools), None)
+        if k is None:
+            plan.append(None)
+            continue
+        pool = p.stages[k].pool
+        router = ROUTERS.get(str(dep.routers.get(pool, "round-robin")).lower(), Router.ROUND_ROBIN)
+        plan.append((pool, [j for j, c in enumerate(dep.clients) if c.pool == pool], router,
+                     k == 0 and router != Router.LEAST_OUTSTANDING))
     cache = np.full(n, -1, np.int64)
-    names = [c.name for c in dep.clients]
     sizes = {}
     rr: dict[str, int] = {}
     for i in range(n):
-        stages = dep.pipelines[int(pipeline[i])].stages
-        llm = next((k for k, s in enumerate(stages)
-                    if any(c.pool == s.pool and c.kind == "llm" for c in dep.clients)), None)
-        if llm is None:
+        if plan[int(pipeline[i])] is None:
             continue
-        pool = stages[llm].pool
-        members = [j for j, c in enumerate(dep.clients) if c.pool == pool]
-        router = ROUTERS.get(str(dep.routers.get(pool, "round-robin")).lower(), Router.ROUND_ROBIN)
-        if llm > 0 or router == Router.LEAST_OUTSTANDING:
-            cache[i] = len(names) + sorted({s.pool for p in dep.pipelines for s in p.stages}).index(pool)
+        pool, members, router, by_order = plan[int(pipeline[i])]
+        if not by_order:  # the pool's replicas pool their caches
+            cache[i] = len(dep.clients) + all_pools.index(pool)
             sizes[int(cache[i])] = len(members)
             continue
         if router == Router.PREFIX_AFFINITY and pk[i] >= 0:
