@@ -121,99 +121,70 @@ def layer_keys(params: CostParams, rep: Replica, att):
     return (rep.num_layers - rep.sliding_layers) * full + rep.sliding_layers * win
 
 
-def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decode_mask, offsets, const=None):
-    """Times of consecutive decode-only iterations: iteration j decodes every masked sequence with
-    its context advanced by offsets[j]. Only attention depends on j, so the rest is costed once,
-    and attention needs only sums of clipped key counts per iteration. Per-iteration and
-    stretched engines both cost decode-only iterations through this function, so they agree exactly.
+def decode_stretch(params: CostParams, rep: Replica, context, first, last, offsets):
+    """Times of consecutive decode-only iterations j = offsets[0], offsets[1], ...: row i decodes
+    in iteration j when first[i] <= j <= last[i], attending to context[i] + j + 1 keys (rows join
+    after the iteration that made their first token and leave after the one that ends them).
+    Returns (times [J], decoding rows per iteration [J]).
 
-    `const` (optional) is `decode_constant(iteration_breakdown(...))` of a batch with the same
-    decode rows and no prefill rows, when the caller has evaluated it already (the engine does)."""
-    if const is None:
-        empty = jnp.zeros((1,), decode_context.dtype)
-        b = MixedBatch(prefill_tokens=empty, prefill_context=empty, prefill_last=jnp.zeros((1,), bool),
-                       prefill_mask=jnp.zeros((1,), bool), decode_context=decode_context,
-                       decode_mask=decode_mask)
-        const = decode_constant(iteration_breakdown(params, rep, b))
-    offsets = jnp.asarray(offsets, decode_context.dtype)
-    # keys read at offset j: sum over decoding sequences of layer_keys(context + 1 + j), as one [J, S]
-    # elementwise kernel (cheaper than sorting and searching for the J x S sizes the engine uses)
-    # (the engine passes materialised rows, see mist.engine.step._materialise: computed inside this fused
-    # [J, S] kernel, they would be recomputed, with everything they derive from, for every element)
-    n = jnp.sum(decode_mask)
-    a0 = jnp.where(decode_mask, decode_context + 1.0, -jnp.inf)
-    on = (a0 > -jnp.inf)[..., None, :]
-    att = a0[..., None, :] + offsets[:, None]
-    keys = jnp.sum(jnp.where(on, layer_keys(params, rep, att), 0.0), axis=-1)
+    Only attention depends on the contexts; the rest of a decode-only iteration depends on the
+    number of rows alone (`dense_parts`), costed once per iteration. Attention needs only sums of
+    clipped key counts per iteration: one [J, S] elementwise kernel and one matrix product (the
+    engine passes materialised rows, see mist.engine.step._materialise: computed inside the fused
+    [J, S] kernel they would be recomputed, with everything they derive from, for every element).
+    Per-iteration and stretched engines both cost decode-only iterations through this function, so
+    they agree exactly."""
+    offsets = jnp.asarray(offsets, context.dtype)
+    j = offsets[:, None]
+    on = (first[..., None, :] <= j) & (j <= last[..., None, :])  # [J, S]
+    att = context[..., None, :] + j + 1.0
+    keys, n = sum_rows(jnp.where(on, layer_keys(params, rep, att), 0.0), on.astype(context.dtype))
     L = rep.num_layers
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
     dc_flops = 2.0 * width_d * keys
     dc_bytes = keys * rep.kv_bytes_token_layer + L * n * width_d * rep.act_bytes
-    longest = jnp.max(jnp.where(decode_mask, decode_context + 1.0, -_BIG), axis=-1)[..., None] + offsets
+    # MHA kernels that do not split the context: the longest sequence's keys (see decode_attention_time)
+    longest = jnp.max(jnp.where(on, att, -_BIG), axis=-1)
     serial = layer_keys(params, rep, longest) * rep.kv_bytes_serial
-    return const + kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
-                               serial_bytes=serial)
+    attn = kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
+                       serial_bytes=serial)
+    dense = dense_parts(params, rep, n, n, n)
+    const = sum(dense.values())
+    return jnp.where(n > 0, const + attn, 0.0), n
 
 
-def decode_constant(parts: dict) -> Float[Array, ""]:
-    """The part of a decode-only iteration's time that does not depend on the contexts' growth:
-    everything but decode attention (summed in the breakdown's order, so that callers agree to
-    the last bit)."""
-    return sum(v for k, v in parts.items() if k != "attn_decode")
+def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decode_mask, offsets):
+    """Times of consecutive decode-only iterations in which every masked sequence decodes, its
+    context advanced by offsets[j] (`decode_stretch` with every row in every iteration)."""
+    first = jnp.where(decode_mask, 0.0, _BIG)
+    last = jnp.full(decode_mask.shape, _BIG)
+    return decode_stretch(params, rep, jnp.asarray(decode_context), first, last, offsets)[0]
 
 
-def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> dict[str, Float[Array, ""]]:
-    """Seconds spent per operator class in one iteration (keys: gemm, attn_prefill, attn_decode,
-    moe, elementwise, lm_head, comm, cpu)."""
-    pm = batch.prefill_mask.astype(jnp.float32)
-    dm = batch.decode_mask.astype(jnp.float32)
-    q = batch.prefill_tokens * pm
-    c = batch.prefill_context * pm
+def dense_parts(params: CostParams, rep: Replica, T, n_sample, n_seq) -> dict[str, Float[Array, "..."]]:
+    """Seconds per operator class of everything in an iteration but attention: GEMMs, LM head,
+    mixture of experts, elementwise kernels, collectives and the CPU side, for T tokens through
+    the linear layers, n_sample rows that sample a token and n_seq sequences. Elementwise in the
+    three counts (any common shape)."""
     ab = rep.act_bytes
     L = rep.num_layers
-
-    # ---- prefill attention, per sequence (per-sequence efficiency: short chunks use the machine less)
-    full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)
-    full_layers = L - rep.sliding_layers
-    width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
-    # per sequence and layer kind: tile-padded pairs (see prefill_tile_pairs)
-    pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs, rep.q_per_kv)
-                    + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
-    kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
-    # per pair: the dot products plus the work that does not scale with the head width (softmax)
-    n_pre_tok, n_pf, n_pf_last, pf_flops_eff, pf_bytes = sum_rows(
-        q, pm, pm * batch.prefill_last.astype(jnp.float32),
-        2.0 * (width + rep.heads * params.pair_width[Op.ATTN_PREFILL]) * pf_pairs_eff,
-        kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer))
-    n_dec = jnp.sum(dm)
-    n_seq = n_pf + n_dec
-    T = n_pre_tok + n_dec  # tokens through the linear layers
-    n_sample = n_pf_last + n_dec
-
-    # ---- dense GEMMs of all layers
+    h = rep.hidden
+    # ---- dense GEMMs of all layers (the trailing axis: the replica's GEMM shapes)
+    Tg = jnp.asarray(T)[..., None]
     g_on = (rep.gemm_n > 0) & (rep.gemm_layers > 0)
-    g_flops = 2.0 * T * rep.gemm_n * rep.gemm_k * rep.gemm_layers
-    g_bytes = rep.gemm_layers * (rep.gemm_n * rep.gemm_k * rep.w_bytes + T * (rep.gemm_n + rep.gemm_k) * ab)
-    g_bytes = jnp.where(T > 0, g_bytes, 0.0)
+    g_flops = 2.0 * Tg * rep.gemm_n * rep.gemm_k * rep.gemm_layers
+    g_bytes = rep.gemm_layers * (rep.gemm_n * rep.gemm_k * rep.w_bytes + Tg * (rep.gemm_n + rep.gemm_k) * ab)
+    g_bytes = jnp.where(Tg > 0, g_bytes, 0.0)
     t_gemm = jnp.sum(jnp.where(g_on, kernel_time(params, Op.GEMM, g_flops, g_bytes, rep.peak_gemm, rep.mem_bw,
-                                                   T, rep.gemm_layers, serial_bytes=rep.gemm_layers
-                                                   * gemm_serial_bytes(rep.gemm_k, rep.w_bytes, ab)), 0.0))
+                                                   Tg, rep.gemm_layers, serial_bytes=rep.gemm_layers
+                                                   * gemm_serial_bytes(rep.gemm_k, rep.w_bytes, ab)), 0.0), axis=-1)
 
     # ---- LM head (only rows that sample a token)
-    h = rep.hidden
     lm_flops = 2.0 * n_sample * h * rep.vocab_local * rep.has_lm_head
     lm_bytes = jnp.where(n_sample > 0, (h * rep.vocab_local * rep.w_bytes
                                         + n_sample * (h + rep.vocab_local) * ab) * rep.has_lm_head, 0.0)
     t_lm = kernel_time(params, Op.GEMM, lm_flops, lm_bytes, rep.peak_gemm, rep.mem_bw, n_sample, 1.0,
                        serial_bytes=gemm_serial_bytes(h, rep.w_bytes, ab))
-
-    # ---- prefill attention
-    any_pf = n_pre_tok > 0
-    t_attn_p = jnp.where(any_pf, kernel_time(params, Op.ATTN_PREFILL, pf_flops_eff, pf_bytes, rep.peak_attn,
-                                              rep.mem_bw, _BIG, L), 0.0)
-
-    # ---- decode attention (paged, memory bound)
-    t_attn_d = decode_attention_time(params, rep, batch.decode_context, dm)
 
     # ---- mixture of experts (grouped GEMMs over the experts that received tokens)
     assign = T * rep.top_k
@@ -253,9 +224,48 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
 
     # ---- CPU side of the serving engine (scheduling, input preparation, sampling)
     t_cpu = jnp.where(T > 0, params.cpu_iter + params.cpu_per_seq * n_seq + params.cpu_per_token * T, 0.0)
+    return {"gemm": t_gemm, "moe": t_moe, "elementwise": t_ew, "lm_head": t_lm, "comm": t_comm, "cpu": t_cpu}
 
-    return {"gemm": t_gemm, "attn_prefill": t_attn_p, "attn_decode": t_attn_d, "moe": t_moe,
-            "elementwise": t_ew, "lm_head": t_lm, "comm": t_comm, "cpu": t_cpu}
+
+def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> dict[str, Float[Array, ""]]:
+    """Seconds spent per operator class in one iteration (keys: gemm, attn_prefill, attn_decode,
+    moe, elementwise, lm_head, comm, cpu)."""
+    pm = batch.prefill_mask.astype(jnp.float32)
+    dm = batch.decode_mask.astype(jnp.float32)
+    q = batch.prefill_tokens * pm
+    c = batch.prefill_context * pm
+    ab = rep.act_bytes
+    L = rep.num_layers
+
+    # ---- prefill attention, per sequence (per-sequence efficiency: short chunks use the machine less)
+    full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)
+    full_layers = L - rep.sliding_layers
+    width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
+    # per sequence and layer kind: tile-padded pairs (see prefill_tile_pairs)
+    pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs, rep.q_per_kv)
+                    + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
+    kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
+    # per pair: the dot products plus the work that does not scale with the head width (softmax)
+    n_pre_tok, n_pf, n_pf_last, pf_flops_eff, pf_bytes = sum_rows(
+        q, pm, pm * batch.prefill_last.astype(jnp.float32),
+        2.0 * (width + rep.heads * params.pair_width[Op.ATTN_PREFILL]) * pf_pairs_eff,
+        kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer))
+    n_dec = jnp.sum(dm)
+    n_seq = n_pf + n_dec
+    T = n_pre_tok + n_dec  # tokens through the linear layers
+    n_sample = n_pf_last + n_dec
+
+    # ---- prefill attention
+    any_pf = n_pre_tok > 0
+    t_attn_p = jnp.where(any_pf, kernel_time(params, Op.ATTN_PREFILL, pf_flops_eff, pf_bytes, rep.peak_attn,
+                                              rep.mem_bw, _BIG, L), 0.0)
+
+    # ---- decode attention (paged, memory bound)
+    t_attn_d = decode_attention_time(params, rep, batch.decode_context, dm)
+
+    d = dense_parts(params, rep, T, n_sample, n_seq)
+    return {"gemm": d["gemm"], "attn_prefill": t_attn_p, "attn_decode": t_attn_d, "moe": d["moe"],
+            "elementwise": d["elementwise"], "lm_head": d["lm_head"], "comm": d["comm"], "cpu": d["cpu"]}
 
 
 def iteration_time(params: CostParams, rep: Replica, batch: MixedBatch) -> Float[Array, ""]:

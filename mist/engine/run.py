@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from .state import EngineState, init_state
-from .step import step
+from .step import decode_dense_table, step
 from .tables import ClientTable, EngineDims, Topology, Workload
 
 
@@ -19,11 +19,33 @@ def run_chunk(dims: EngineDims, length: int, cl: ClientTable, topo: Topology, wl
               st: EngineState) -> EngineState:
     """`length` scan steps (steps after completion are no-ops)."""
 
+    dense_tab = decode_dense_table(dims, cl)
+
     def body(s, _):
-        return step(dims, cl, topo, wl, n_valid, s), None
+        return step(dims, cl, topo, wl, n_valid, s, dense_tab), None
 
     out, _ = jax.lax.scan(body, st, None, length=length)
     return out
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def run_until(dims: EngineDims, length: int, cl: ClientTable, topo: Topology, wl: Workload, n_valid,
+              st: EngineState) -> EngineState:
+    """Up to `length` scan steps, stopping as soon as every request has completed: the same steps
+    as `run_chunk` without the no-op tail of the last chunk. A while loop, so not differentiable in
+    reverse mode (gradients go through `run_chunk`); for one config (a vmapped while loop would
+    select between old and new state, copying it, on every step)."""
+    dense_tab = decode_dense_table(dims, cl)
+
+    def more(c):
+        i, s = c
+        return (i < length) & (s.completed < n_valid)
+
+    def body(c):
+        i, s = c
+        return i + 1, step(dims, cl, topo, wl, n_valid, s, dense_tab)
+
+    return jax.lax.while_loop(more, body, (jnp.int32(0), st))[1]
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -53,7 +75,10 @@ class RunStats:
 
 
 def default_chunk(dims: EngineDims) -> int:
-    return int(min(max(4 * dims.num_requests, 256), 8192))
+    """Scan steps per compiled call. A run takes about one to three steps per request and stage;
+    vmapped runs execute every step of their last chunk (finished configs as no-ops), so chunks
+    are a fraction of the expected length."""
+    return int(min(max(dims.num_requests * dims.stages // 4, 256), 2048))
 
 
 def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, key=None,
@@ -70,7 +95,7 @@ def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workl
         fn = run_chunk_batched
     else:
         st = init_state(dims, key)
-        fn = run_chunk
+        fn = run_until
     max_steps = max_steps or 64 * (dims.num_requests + 16) * dims.stages
     t0 = time.perf_counter()
     compiled = fn.lower(dims, chunk, cl, topo, wl, n_valid, st).compile(compiler_options=compiler_options())
@@ -107,4 +132,4 @@ def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workl
     return st, RunStats(compile_s=compile_s, run_s=time.perf_counter() - t0, steps=steps, chunks=chunks)
 
 
-__all__ = ["run_chunk", "run_chunk_batched", "simulate_arrays", "SimulationStuck", "RunStats"]
+__all__ = ["run_chunk", "run_chunk_batched", "run_until", "simulate_arrays", "SimulationStuck", "RunStats"]

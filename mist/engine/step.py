@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..cost.iteration import MixedBatch, decode_constant, decode_stretch_times, iteration_breakdown, sum_rows
+from ..cost.iteration import MixedBatch, decode_dense_time, decode_stretch, iteration_time, sum_rows
 from .state import EMPTY_SLOT, INF, SLOT_FIELDS, EngineState
 from .tables import ClientTable, EngineDims, Kind, Policy, Reject, Role, Router, Topology, Workload
 
@@ -220,8 +220,15 @@ def _to_f64(tree):
     return jax.tree.map(lambda x: x.astype(F64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def decode_dense_table(dims: EngineDims, cl: ClientTable):
+    """[C, S + 1]: each client's non-attention decode time for n = 0..S sequences (float64), computed
+    once per compiled chunk instead of once per stretch iteration in every step."""
+    n = jnp.arange(dims.slots + 1, dtype=F64)
+    return jax.vmap(lambda p, r: decode_dense_time(_to_f64(p), _to_f64(r), n))(cl.params, cl.replica)
+
+
 def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st: EngineState, c,
-                t, t_before, t_after, go=True, n_valid=None) -> EngineState:
+                t, t_before, t_after, go=True, n_valid=None, dense_tab=None) -> EngineState:
     """Run client `c`'s next iteration (or decode stretch) starting at time `t`.
 
     A client's running requests occupy its first slots in admission order (the state keeps them
@@ -343,7 +350,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
         r_swapped = r_swapped.at[ar].set(0, mode="drop")
     active = rid >= 0
 
-    # ---- this iteration's work per slot
+    # ---- iteration 0's work per slot
     decoding = active & ~prefill & (gen < target)
     dec_now = decoding & ~prefill_iter & go
     rem = jnp.where(prefill & active, pf_target - done, 0)
@@ -355,86 +362,108 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     chunk = jnp.where(exclusive & ~new_slot, 0, chunk)
     chunk = jnp.where(is_llm, chunk, jnp.where(active, prompt, 0))
     chunk = jnp.where(go, chunk, 0)
-    y = prompt + gen
-    n_chunk, n_items, others, base_blocks = _slot_sums(
-        chunk, active & new_slot, jnp.where(active & ~dec_now, blocks_held, 0),  # blocks_held: slots keep their index
-        jnp.where(dec_now, y // bs + 1, 0))
+    n_chunk, n_items = _slot_sums(chunk, active & new_slot)
     decode_only = (n_chunk == 0) & is_llm & (n_admit == 0) & ~preempting
 
-    # ---- iteration times for up to W consecutive decode iterations
-    # the cost model runs in float64 here: float32 durations carry ~1 ns of rounding noise that
-    # differs between the stretched and the per-iteration programs (and so flips the ns rounding)
-    replica = _to_f64(_gather_client(cl.replica, c))
-    params = _to_f64(_gather_client(cl.params, c))
-    ctx0 = (prompt + gen - 1).astype(F64)
-    js = jnp.arange(W, dtype=I32)
-
-    b0 = MixedBatch(prefill_tokens=chunk.astype(F64), prefill_context=done.astype(F64),
-                    prefill_last=(done + chunk >= pf_target), prefill_mask=chunk > 0,
-                    decode_context=ctx0, decode_mask=dec_now)
-    # decode-only batches (always, in both modes) are costed by the stretch function, whose per-j
-    # work is only the attention term; anything else is one general iteration. One breakdown
-    # serves both: with no prefill rows its non-attention parts are the stretch's constant.
-    parts = iteration_breakdown(params, replica, b0)
-    dt_general = sum(parts.values())
-    # the decode rows, materialised: the [W, S] kernels of the stretch then read them instead of
-    # recomputing the whole slot logic per element
-    ctx_p, dec_p = _materialise(ctx0, dec_now.astype(I32))
-    dt_stretch = decode_stretch_times(params, replica, ctx_p, dec_p > 0, js.astype(F64), const=decode_constant(parts))
-    dts_llm = jnp.where(decode_only, dt_stretch, dt_general)
-    dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * n_chunk
-    dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64)
-    sigma = params.step_noise_sigma
-    z = _iteration_normals(st.key, c, st.iters[c] + js)
-    dts = dts * jnp.where(sigma > 0, jnp.exp(sigma * z - 0.5 * sigma * sigma), 1.0)
-    if swap:  # swaps happen only in iterations that preempt or admit, which are never stretched
-        swap_s = swap_tokens.astype(F64) * cl.kv_bytes_per_token[c] / jnp.maximum(cl.swap_bandwidth[c], 1e-30)
-        dts = dts.at[0].add(jnp.where(swap_tokens > 0, swap_s, 0.0))
-    dts = _quantise_ns(dts)
-    starts = t + _excl_cumsum(dts)
-
-    # ---- how many iterations to advance
-    rem_dec = jnp.where(dec_now, target - gen, jnp.iinfo(jnp.int32).max)
-    min_rem = rem_dec.min()
-    # sum over decoding slots of ceil((x + j) / bs), x = prompt + gen + 1, from the residues
-    # y mod bs (y = x - 1): ceil((x + j)/bs) = y // bs + 1 + j // bs + [y mod bs >= bs - j mod bs]
-    # [y mod bs >= bs - m] <=> v <= m with v = bs - (y mod bs) in 1..bs: a histogram of v (capped at W,
-    # since m = j mod bs < W) and its prefix sums give the count for every j in O(S + W)
-    v = jnp.where(dec_now, jnp.minimum(bs - y % bs, W), W + 1)
-    below = jnp.cumsum(jnp.zeros(W + 2, I32).at[v].add(1))  # below[m] = #{v <= m}
-    n_crossing = below[js % bs]
-    blocks_j = base_blocks + dec_now.sum() * (js // bs) + n_crossing + others
-    pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
-    ok = (js < min_rem) & ((blocks_j <= cap) | ~is_llm) & (starts < t_before) & (starts <= t_after) & (starts < pending)
-    ok = ok & (decode_only | (js == 0))
-    ok = ok.at[0].set(True)
-    k = _prefix_true(ok).sum().astype(I32)
-    k = jnp.where(go, k, 0)
-    t_end = t + jnp.where(js < k, dts, 0.0).sum()
-
-    # ---- inter-token latencies
-    first_gap = jnp.where(dec_now, starts[0] + dts[0] - last_tok, 0.0)
-    hist = st.itl_hist.at[_itl_bin(first_gap, dims.itl_bins)].add(dec_now.astype(F64))
-    n_dec_now = dec_now.sum().astype(F64)
-    later_it = (js >= 1) & (js < k)
-    hist = hist.at[_itl_bin(dts, dims.itl_bins)].add(jnp.where(later_it, n_dec_now, 0.0))
-    itl_sum = st.itl_sum + first_gap.sum() + jnp.where(later_it, dts * n_dec_now, 0.0).sum()
-
-    # ---- apply
-    gen = gen + jnp.where(dec_now, k, 0)
+    # ---- apply iteration 0 (its end time is filled in below)
+    gen = gen + dec_now.astype(I32)
     done = done + chunk
     pf_done = prefill & active & (chunk > 0) & ((done >= pf_target) | ~is_llm)  # a SERVER batch finishes whole
     makes_token = pf_done & (target > 0)
     gen = gen + makes_token.astype(I32)
     prefill = prefill & ~pf_done
-    last_tok = jnp.where(dec_now | makes_token, t_end, last_tok)
+    # rows that decode in the iterations after iteration 0: `end` of them, the last one ending the stage
+    dec1 = active & ~prefill & (gen < target) & is_llm & go
+    end = jnp.where(active & ~prefill, jnp.maximum(target - gen, 0), 0)
+
+    # ---- iteration times: iteration 0 (any batch), then up to W - 1 decode-only iterations of the
+    # rows left decoding. Row i decodes in iteration j for first_i <= j <= end_i with context u_i + j.
+    # The cost model runs in float64 here: float32 durations carry ~1 ns of rounding noise that
+    # differs between the stretched and the per-iteration programs (and so flips the ns rounding).
+    replica = _to_f64(_gather_client(cl.replica, c))
+    params = _to_f64(_gather_client(cl.params, c))
+    ctx0 = (prompt + gen - 1 - dec_now).astype(F64)  # context of iteration 0's decodes
+    js = jnp.arange(W, dtype=I32)
+    b0 = MixedBatch(prefill_tokens=chunk.astype(F64), prefill_context=(done - chunk).astype(F64),
+                    prefill_last=pf_done, prefill_mask=chunk > 0, decode_context=ctx0, decode_mask=dec_now)
+    dt_general = iteration_time(params, replica, b0)
+    u = (prompt + gen - 2).astype(F64)
+    first = jnp.where(dec_now, 0, jnp.where(dec1, 1, W))
+    last = jnp.where(dec_now | dec1, end, -1)
+    # materialised rows: the [W, S] kernels of the stretch then read them instead of recomputing the
+    # whole slot logic per element
+    u_p, first_p, last_p = _materialise(u, first, last)
+    dt_stretch, n_dec_j = decode_stretch(params, replica, u_p, first_p.astype(F64), last_p.astype(F64),
+                                         js.astype(F64), None if dense_tab is None else dense_tab[c])
+    dts_llm = jnp.where(decode_only | (js > 0), dt_stretch, dt_general)
+    dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * n_chunk
+    dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64)
+    sigma = params.step_noise_sigma
+    z = _iteration_normals(st.key, c, st.iters[c] + js)
+    dts = dts * jnp.where(sigma > 0, jnp.exp(sigma * z - 0.5 * sigma * sigma), 1.0)
+    if swap:  # swaps happen only in iterations that preempt or admit: iteration 0
+        swap_s = swap_tokens.astype(F64) * cl.kv_bytes_per_token[c] / jnp.maximum(cl.swap_bandwidth[c], 1e-30)
+        dts = dts.at[0].add(jnp.where(swap_tokens > 0, swap_s, 0.0))
+    dts = _quantise_ns(dts)
+    starts = t + _excl_cumsum(dts)
+
+    # ---- how many iterations to advance. Iteration j >= 1 runs exactly as the per-iteration engine
+    # would run it next: nothing can be admitted, nothing preempted, no other event comes first.
+    # Admission could follow a completion only when ready entries wait (continuous and chunked
+    # policies; static and decode-priority admit into an empty batch only), so a completion then ends
+    # the stretch; so does one that hands a request on to a next stage.
+    qrem = qlen - n_admit
+    nxt_head = jnp.minimum(n_admit, A - 1)
+    blocked = (qrem > 0) & ((n_admit >= A) | rdy[nxt_head])
+    admit_after_free = blocked & ((pol == Policy.CHUNKED) | (pol == Policy.CONTINUOUS))
     pipe = wl.pipeline[jnp.clip(rid, 0, N - 1)]
+    if K > 1:
+        has_next = (stage + 1 < K) & (topo.pipeline_pools[pipe, jnp.clip(stage + 1, 0, K - 1)] >= 0)
+    else:
+        has_next = jnp.zeros(S, bool)
+    ends_stage = active & ~prefill
+    stop = ends_stage & (admit_after_free | has_next)
+    j_stop = jnp.where(stop, end, W).min()
+    # KV blocks of iteration j >= 1, bounded above by keeping every row that decodes after iteration 0
+    # (ends free blocks, never add them): sum of ceil((y + 1 + j)/bs) with y = u + 1, from the residues
+    # y mod bs: ceil((y + 1 + j)/bs) = y // bs + 1 + j // bs + [y mod bs >= bs - j mod bs]; with
+    # v = bs - (y mod bs) in 1..bs, [.] <=> v <= j mod bs: a histogram of v (capped at W, since
+    # j mod bs < W) and its prefix sums give the count for every j in O(S + W)
+    y = prompt + gen - 1
+    v = jnp.where(dec1, jnp.minimum(bs - y % bs, W), W + 1)
+    below = jnp.cumsum(jnp.zeros(W + 2, I32).at[v].add(1))  # below[m] = #{v <= m}
+    base_blocks, n_dec1 = _slot_sums(jnp.where(dec1, y // bs + 1, 0), dec1)
+    blocks_j = base_blocks + n_dec1 * (js // bs) + below[js % bs]
+    pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
+    cont = is_llm & ~preempting & ~(prefill & active).any() & (decode_only | ~blocked)
+    ok = (cont & (js <= j_stop) & (n_dec_j > 0) & ((blocks_j <= cap) | ~is_llm)
+          & (starts < t_before) & (starts <= t_after) & (starts < pending))
+    ok = ok.at[0].set(True)
+    k = _prefix_true(ok).sum().astype(I32)
+    k = jnp.where(go, k, 0)
+    ends = t + jnp.cumsum(jnp.where(js < k, dts, 0.0))  # end time of iteration j (< k)
+    t_end = ends[jnp.maximum(k - 1, 0)]
+
+    # ---- inter-token latencies: iteration 0's decodes, then n_dec_j gaps of dts[j] per later iteration
+    first_gap = jnp.where(dec_now, ends[0] - last_tok, 0.0)
+    hist = st.itl_hist.at[_itl_bin(first_gap, dims.itl_bins)].add(dec_now.astype(F64))
+    later_it = (js >= 1) & (js < k)
+    n_later = jnp.where(later_it, n_dec_j, 0.0)
+    hist = hist.at[_itl_bin(dts, dims.itl_bins)].add(n_later)
+    itl_sum = st.itl_sum + first_gap.sum() + (dts * n_later).sum()
+
+    # ---- apply the later iterations: each row's last token (and stage end) is at the end of the
+    # last iteration it ran in
+    j_last = jnp.where(dec1, jnp.minimum(end, k - 1), 0)
+    gen = gen + jnp.where(dec1, j_last, 0)
+    t_row = ends[jnp.clip(j_last, 0, W - 1)]
+    last_tok = jnp.where(dec_now | makes_token | (dec1 & (k >= 2)), t_row, last_tok)
     emits = topo.stage_emits[pipe, stage]
     ft_idx = jnp.where(makes_token & emits, rid, N)
-    o_first_token = st.o_first_token.at[ft_idx].min(jnp.full(S, t_end, F64), mode="drop")
-    finished = active & ~prefill & (gen >= target) & go
+    o_first_token = st.o_first_token.at[ft_idx].min(jnp.full(S, ends[0], F64), mode="drop")
+    finished = ends_stage & (gen >= target) & go
     fr = jnp.where(finished, rid, N)
-    o_stage_end = st.o_stage_end.at[fr, stage].set(t_end, mode="drop")
+    o_stage_end = st.o_stage_end.at[fr, stage].set(t_row, mode="drop")
 
     # ---- compact: running slots first, in admission order
     keep = active & ~finished
@@ -461,16 +490,15 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     if K > 1:  # hand finished stages on (statically absent when no pipeline has a second stage)
         nxt = stage + 1
         nxt_c = jnp.clip(nxt, 0, K - 1)
-        has_next = finished & (nxt < K) & (topo.pipeline_pools[pipe, nxt_c] >= 0)
+        has_next = finished & has_next
         xfer = topo.stage_kv_transfer[pipe, nxt_c]
         kv_bytes = jnp.where(xfer, (prompt + gen).astype(F64) * cl.kv_bytes_per_token[c], 0.0)
         hr = jnp.where(has_next, rid, N)
         st = eqx_replace(st, r_gen=st.r_gen.at[hr].set(jnp.where(xfer, gen, 0), mode="drop"),
                          r_preempted=st.r_preempted.at[hr].set(False, mode="drop"))
-        st = route_and_push(dims, cl, topo, wl, st, rid, nxt, jnp.full(S, t_end, F64), kv_bytes,
-                            jnp.full(S, c, I32), has_next)
+        st = route_and_push(dims, cl, topo, wl, st, rid, nxt, t_row, kv_bytes, jnp.full(S, c, I32), has_next)
         cr = jnp.where(finished & ~has_next, rid, N)
-    return eqx_replace(st, o_finish=st.o_finish.at[cr].set(t_end, mode="drop"),
+    return eqx_replace(st, o_finish=st.o_finish.at[cr].set(t_row, mode="drop"),
                        completed=st.completed + (cr < N).sum().astype(I32))
 
 
@@ -505,7 +533,8 @@ def _itl_bin(gap, bins: int):
 
 
 # ------------------------------------------------------------------------------------------- step
-def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_valid, st: EngineState) -> EngineState:
+def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_valid, st: EngineState,
+         dense_tab=None) -> EngineState:
     """Advance the simulation by one event: route the arrivals due no later than the earliest client
     event (arrivals win ties), then run the client whose event comes first, unless a further
     arrival comes before it. A no-op once every request has completed."""
@@ -529,5 +558,6 @@ def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_vali
     t_after = jnp.where(idx > c, t_up, INF).min()
     run_client = (t_c < t_arr) & jnp.isfinite(t_c) & ~finished
 
-    new = client_step(dims, cl, topo, wl, st, c, t_c, t_before, t_after, go=run_client, n_valid=n_valid)
+    new = client_step(dims, cl, topo, wl, st, c, t_c, t_before, t_after, go=run_client, n_valid=n_valid,
+                      dense_tab=dense_tab)
     return eqx_replace(new, steps=new.steps + (route | run_client).astype(I32))
