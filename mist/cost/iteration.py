@@ -121,7 +121,7 @@ def layer_keys(params: CostParams, rep: Replica, att):
     return (rep.num_layers - rep.sliding_layers) * full + rep.sliding_layers * win
 
 
-def decode_stretch(params: CostParams, rep: Replica, context, first, last, offsets):
+def decode_stretch(params: CostParams, rep: Replica, context, first, last, offsets, dense_table=None):
     """Times of consecutive decode-only iterations j = offsets[0], offsets[1], ...: row i decodes
     in iteration j when first[i] <= j <= last[i], attending to context[i] + j + 1 keys (rows join
     after the iteration that made their first token and leave after the one that ends them).
@@ -133,7 +133,11 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, offse
     engine passes materialised rows, see mist.engine.step._materialise: computed inside the fused
     [J, S] kernel they would be recomputed, with everything they derive from, for every element).
     Per-iteration and stretched engines both cost decode-only iterations through this function, so
-    they agree exactly."""
+    they agree exactly.
+
+    `dense_table` (optional): `decode_dense_time` at n = 0, 1, 2, ... rows, evaluated once by a
+    caller that costs many stretches of one replica (the engine: float64 powers per iteration
+    would dominate its step otherwise); the same numbers, looked up instead of recomputed."""
     offsets = jnp.asarray(offsets, context.dtype)
     j = offsets[:, None]
     on = (first[..., None, :] <= j) & (j <= last[..., None, :])  # [J, S]
@@ -148,9 +152,16 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, offse
     serial = layer_keys(params, rep, longest) * rep.kv_bytes_serial
     attn = kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
                        serial_bytes=serial)
-    dense = dense_parts(params, rep, n, n, n)
-    const = sum(dense.values())
+    if dense_table is None:
+        const = decode_dense_time(params, rep, n)
+    else:
+        const = dense_table[jnp.clip(n.astype(jnp.int32), 0, dense_table.shape[-1] - 1)]
     return jnp.where(n > 0, const + attn, 0.0), n
+
+
+def decode_dense_time(params: CostParams, rep: Replica, n):
+    """Seconds of everything but attention in a decode-only iteration of n sequences."""
+    return sum(dense_parts(params, rep, n, n, n).values())
 
 
 def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decode_mask, offsets):
