@@ -399,6 +399,34 @@ def test_unsplit_mha_decode_floor_by_hand():
     assert f(attn_decode_time(p, 2.0, 100.0, 4.0, 2.0, 16.0, peak, 1e30)) < 1e-3 * 100 * 64 / 1e6
 
 
+def test_decode_item_time_by_hand():
+    # GQA (4 query heads, 2 KV heads of 16, 2 layers, bf16): every (sequence, KV head, layer) item
+    # pays params.item_time of fixed work, charged as the keys one head streams in that time; at
+    # 1 ms per item it dominates: 2 sequences x 2 KV heads x 2 layers = 8 ms
+    from mist.cost.iteration import decode_stretch_times
+    from mist.cost.operators import attn_decode_time
+
+    ph = _phys(ideal_params())
+    p = make_params(**ph, item_time=[1e-30, 1e-30, 1e-3, 1e-30, 1e-30])
+    rep = lower_replica(DENSE, H100)
+    t = f(BD(p, rep, batch(decode=[9, 99]))["attn_decode"])
+    assert close(t, 8e-3, rel=1e-3)
+    # whatever the contexts, and the same in every iteration of a stretch
+    b = batch(decode=[9, 99])
+    st = np.asarray(decode_stretch_times(p, rep, b.decode_context, b.decode_mask, jnp.asarray([0.0, 5.0])))
+    it = [f(IT(p, rep, batch(decode=[9 + o, 99 + o]))) for o in (0, 5)]
+    assert np.allclose(st, it, rtol=1e-5)
+    # the per-operator predictor (one layer) charges the same per item: 2 sequences x 2 KV heads
+    peak = f(rep.peak_attn)
+    assert close(f(attn_decode_time(p, 2.0, 100.0, 4.0, 2.0, 16.0, peak, f(rep.mem_bw))), 4e-3, rel=1e-3)
+    # off (the default and files written before it existed): no such time
+    assert f(BD(ideal_params(), rep, batch(decode=[9, 99]))["attn_decode"]) < 1e-6
+    d = ideal_params().to_dict()
+    for o in d["ops"].values():
+        del o["item_time_ns"]
+    assert np.allclose(np.asarray(CostParams.from_dict(d).item_time), 1e-30, rtol=1e-4)
+
+
 def test_gemm_serial_k_loop_floor_by_hand():
     # C[4, 64] = A[4, 4096] @ W[4096, 64] in bf16: one 128 x 128 output tile streams
     # 4096 x 128 x (2 + 2) bytes over its K loop; at serial_bw = 1 GB/s that floor dominates

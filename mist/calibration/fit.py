@@ -160,13 +160,13 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
     z = jnp.zeros((), jnp.float32)
     mask = eqx.tree_at(
         lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness, p.log_pair_width,
-                   p.log_serial_bw,
+                   p.log_serial_bw, p.log_item_time,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
                    p.log_cpu_per_token, p.step_noise_sigma),
         template,
         (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
-         jnp.asarray(om),
+         jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
          jnp.asarray(cm), z, z, z, z),
     )
@@ -177,6 +177,8 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
 #: GEMM tile's K loop: the defaults switch those floors off, and from there their gradients vanish;
 #: the fit keeps them only where rows need them
 SERIAL_BW_START = {"ATTN_DECODE": 25e9, "GEMM": 1e12}
+#: where a fit starts the fixed time per work item (s; see CostParams.log_item_time), off by default
+ITEM_TIME_START = {"ATTN_DECODE": 1e-8}
 
 
 def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
@@ -190,7 +192,11 @@ def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
     for name, bw in SERIAL_BW_START.items():
         if int(Op[name]) in present:
             v = v.at[int(Op[name])].set(jnp.log(jnp.float32(bw)))
-    return eqx.tree_at(lambda q: q.log_serial_bw, p, v)
+    w = p.log_item_time
+    for name, t in ITEM_TIME_START.items():
+        if int(Op[name]) in present:
+            w = w.at[int(Op[name])].set(jnp.log(jnp.float32(t)))
+    return eqx.tree_at(lambda q: (q.log_serial_bw, q.log_item_time), p, (v, w))
 
 
 def _as_prep(groups: dict) -> Prepared:

@@ -13,7 +13,7 @@ from jaxtyping import Array, Bool, Float
 
 from .params import Comm, CostParams, Op
 from .replica import Replica
-from .roofline import collective_time, gemm_serial_bytes, kernel_time
+from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time
 
 #: bytes moved per token and hidden element by a layer's elementwise kernels (two norms, two
 #: residual adds, rotary on q/k), in units of one activation element
@@ -114,10 +114,12 @@ def decode_attention_time(params: CostParams, rep: Replica, decode_context, dm):
 def layer_keys(params: CostParams, rep: Replica, att):
     """Keys, summed over the layers, that decode attention reads for a sequence attending to `att`
     keys (incl. the new token): at least one KV tile per layer (see decode_tile_keys), sliding-window
-    layers capped at the window."""
+    layers capped at the window, plus per layer the keys that stand for the fixed work of each of
+    the sequence's KV heads (see roofline.decode_item_keys)."""
     tile = params.m_half[Op.ATTN_DECODE]
-    full = jnp.maximum(att, tile)
-    win = jnp.clip(att, tile, jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG))
+    item = decode_item_keys(params, rep.kv_bytes * (rep.d_qk_decode + rep.d_v_decode), rep.mem_bw)
+    full = jnp.maximum(att, tile) + item
+    win = jnp.clip(att, tile, jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)) + item
     return (rep.num_layers - rep.sliding_layers) * full + rep.sliding_layers * win
 
 

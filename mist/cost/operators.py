@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from .iteration import _windowed_pairs, decode_tile_keys, prefill_tile_pairs
 from .params import Comm, CostParams, Op
-from .roofline import collective_time, gemm_serial_bytes, kernel_time
+from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time
 
 _BIG = 1e30
 
@@ -43,7 +43,7 @@ def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_di
     # MHA (one query head per KV head): the kernel runs one thread block per (sequence, head) over
     # the whole context (see Replica.kv_bytes_serial); MLA and GQA split or pack instead
     serial_tok = jnp.where(heads <= kv_heads, 2.0 * head_dim * kv_bytes, 0.0) if kv_tok_bytes is None else 0.0
-    keys = decode_tile_keys(params, kv_len)
+    keys = decode_tile_keys(params, kv_len) + decode_item_keys(params, kv_bytes * (head_dim + d_v), mem_bw)
     flops = batch * 2.0 * heads * (head_dim + d_v) * keys
     bytes_ = batch * (keys * kv_tok + heads * (head_dim + d_v) * a_bytes)
     return kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, _BIG, 1.0,

@@ -61,6 +61,11 @@ class CostParams(eqx.Module):
         decode attention, a kernel that runs one block per (sequence, KV head) without splitting
         the context (FlashAttention-2 on MHA models): a floor of (longest context) x (one head's KV
         bytes per token) / serial_bw; GEMM, the K loop of one output tile (roofline.gemm_serial_bytes)
+      log_item_time: decode attention only: log seconds of fixed work per (sequence, KV head, layer)
+        work item as the whole device pipelines them (a thread block's latency over the blocks
+        resident at once): the block-table walk, query load, softmax merge and output store that
+        every item pays however short its context; charged as the keys one head streams in that
+        time (see mist.cost.iteration.decode_tile_keys)
       log_pair_width: prefill attention only: log of the work per query-key pair and head that does not
         scale with the head width (softmax, masking, rescaling), in head-width units: a pair costs
         2 (d_qk + d_v + pair_width) FLOPs at the kernel's efficiency instead of 2 (d_qk + d_v)
@@ -88,6 +93,7 @@ class CostParams(eqx.Module):
     log_sharpness: Float[Array, "ops"]
     log_pair_width: Float[Array, "ops"]
     log_serial_bw: Float[Array, "ops"]
+    log_item_time: Float[Array, "ops"]
     comm_bw_logit: Float[Array, "comms"]
     log_comm_latency_scale: Float[Array, "comms"]
     log_comm_s_half: Float[Array, "comms"]
@@ -127,6 +133,10 @@ class CostParams(eqx.Module):
     @property
     def serial_bw(self):
         return jnp.exp(self.log_serial_bw)
+
+    @property
+    def item_time(self):
+        return jnp.exp(self.log_item_time)
 
     @property
     def comm_bw_eff(self):
@@ -177,6 +187,7 @@ class CostParams(eqx.Module):
                 "sharpness": f(self.sharpness[op]),
                 "pair_width": f(self.pair_width[op]),
                 "serial_bw_gbs": f(self.serial_bw[op] * 1e-9),
+                "item_time_ns": f(self.item_time[op] * 1e9),
             } for op in Op},
             "comms": {c.name.lower(): {
                 "bw_eff": f(self.comm_bw_eff[c]),
@@ -211,6 +222,7 @@ class CostParams(eqx.Module):
                 sharpness=[ops[o.name.lower()]["sharpness"] for o in Op],
                 pair_width=[ops[o.name.lower()].get("pair_width", PAIR_WIDTH_OFF) for o in Op],
                 serial_bw=[ops[o.name.lower()].get("serial_bw_gbs", SERIAL_BW_OFF * 1e-9) * 1e9 for o in Op],
+                item_time=[ops[o.name.lower()].get("item_time_ns", ITEM_TIME_OFF * 1e9) * 1e-9 for o in Op],
                 comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
                 comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
                 comm_s_half=cget("s_half_bytes", COMM_OFF["s_half"]),
@@ -238,14 +250,16 @@ COMM_OFF = {"s_half": 1e-12, "beta": 0.5, "group_exp": 1.0, "overhead_s": 1e-12}
 PAIR_WIDTH_OFF = 1e-6
 #: serial (unsplit) decode bandwidth that switches its floor off (B/s)
 SERIAL_BW_OFF = 1e18
+#: fixed time per work item (s) that switches that term off (files written before it existed)
+ITEM_TIME_OFF = 1e-30
 
 
 def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
                 comm_latency_scale, cpu_iter_s, cpu_per_seq_s, cpu_per_token_s,
                 step_noise_sigma=0.0, comm_s_half=None, comm_beta=None, comm_group_exp=None,
-                comm_overhead_s=None, pair_width=None, serial_bw=None) -> CostParams:
+                comm_overhead_s=None, pair_width=None, serial_bw=None, item_time=None) -> CostParams:
     """Build CostParams from physical values (collective terms and the attention pair width left
-    out are switched off, see COMM_OFF, PAIR_WIDTH_OFF and SERIAL_BW_OFF)."""
+    out are switched off, see COMM_OFF, PAIR_WIDTH_OFF, SERIAL_BW_OFF and ITEM_TIME_OFF)."""
     full = lambda v, k: [COMM_OFF[k]] * NUM_COMMS if v is None else v  # noqa: E731
     a = lambda x: jnp.asarray(np.asarray(x, dtype=np.float32))  # noqa: E731
     clip = lambda p: np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)  # noqa: E731
@@ -258,6 +272,8 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
         log_sharpness=a(np.log(pos(sharpness))),
         log_pair_width=a(np.log(pos([PAIR_WIDTH_OFF] * NUM_OPS if pair_width is None else pair_width))),
         log_serial_bw=a(np.log(pos([SERIAL_BW_OFF] * NUM_OPS if serial_bw is None else serial_bw))),
+        log_item_time=a(np.log(np.maximum(np.asarray([ITEM_TIME_OFF] * NUM_OPS if item_time is None
+                                                     else item_time, dtype=np.float64), 1e-30))),
         comm_bw_logit=a(_logit(clip(comm_bw_eff))),
         log_comm_latency_scale=a(np.log(pos(comm_latency_scale))),
         log_comm_s_half=a(np.log(pos(full(comm_s_half, "s_half")))),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .params import Comm, CostParams
+from .params import Comm, CostParams, Op
 
 _TINY = 1e-30
 
@@ -58,6 +58,15 @@ def gemm_serial_bytes(k, w_bytes, a_bytes):
     of K. With params.serial_bw[GEMM] this floors small-M, small-N GEMMs with a long K loop, whose
     few output tiles cannot fill the machine (see kernel_time's serial_bytes)."""
     return k * GEMM_TILE * (w_bytes + a_bytes)
+
+
+def decode_item_keys(params: CostParams, head_bytes, bandwidth):
+    """Keys that stand for the fixed work of one decode-attention item (a sequence's KV head in one
+    layer: block-table walk, query load, softmax merge, output store, paid however short the
+    context): the keys one head's K and V (`head_bytes` per token) stream, at the kernel's
+    bandwidth, in params.item_time[ATTN_DECODE]. Added to each sequence's keys per layer, so a
+    sequence pays item_time per KV head and layer, whatever its head width."""
+    return params.item_time[Op.ATTN_DECODE] * bandwidth * params.memory_eff[Op.ATTN_DECODE] / head_bytes
 
 
 def collective_time(params: CostParams, comm: int, size_bytes, group, bandwidth, latency):
