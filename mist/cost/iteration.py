@@ -8,6 +8,7 @@ pipeline parallelism changes the weights each device holds and adds stage-to-sta
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
@@ -123,34 +124,70 @@ def layer_keys(params: CostParams, rep: Replica, att):
     return (rep.num_layers - rep.sliding_layers) * full + rep.sliding_layers * win
 
 
-def decode_stretch(params: CostParams, rep: Replica, context, first, last, offsets, dense_table=None):
-    """Times of consecutive decode-only iterations j = offsets[0], offsets[1], ...: row i decodes
-    in iteration j when first[i] <= j <= last[i], attending to context[i] + j + 1 keys (rows join
+def decode_stretch(params: CostParams, rep: Replica, context, first, last, iterations: int, dense_table=None):
+    """Times of `iterations` consecutive decode-only iterations j = 0, 1, ...: row i decodes in
+    iteration j when first[i] <= j <= last[i], attending to context[i] + j + 1 keys (rows join
     after the iteration that made their first token and leave after the one that ends them).
-    Returns (times [J], decoding rows per iteration [J]).
+    `first` must be 0 or 1 for rows that decode at all (any value > last for rows that do not);
+    rows are the trailing axis of 1-D arrays (vmap for more). Returns (times [J], decoding rows
+    per iteration [J]).
 
     Only attention depends on the contexts; the rest of a decode-only iteration depends on the
-    number of rows alone (`dense_parts`), costed once per iteration. Attention needs only sums of
-    clipped key counts per iteration: one [J, S] elementwise kernel and one matrix product (the
-    engine passes materialised rows, see mist.engine.step._materialise: computed inside the fused
-    [J, S] kernel they would be recomputed, with everything they derive from, for every element).
-    Per-iteration and stretched engines both cost decode-only iterations through this function, so
-    they agree exactly.
+    number of rows alone (`decode_dense_time`). Attention needs, per iteration, the sum of every
+    row's `layer_keys` and the longest row. A row's keys are piecewise linear in j (one KV tile
+    below the tile size, the window above it for sliding-window layers), so the sums come from
+    integer counts and sums per segment, accumulated as differences at each row's breakpoints and
+    prefix-summed over j: O(S + J) work instead of an [J, S] grid, and exact (integer-valued
+    float64), so any split of the same iterations into stretches gives the same times.
 
     `dense_table` (optional): `decode_dense_time` at n = 0, 1, 2, ... rows, evaluated once by a
     caller that costs many stretches of one replica (the engine: float64 powers per iteration
     would dominate its step otherwise); the same numbers, looked up instead of recomputed."""
-    offsets = jnp.asarray(offsets, context.dtype)
-    j = offsets[:, None]
-    on = (first[..., None, :] <= j) & (j <= last[..., None, :])  # [J, S]
-    att = context[..., None, :] + j + 1.0
-    keys, n = sum_rows(jnp.where(on, layer_keys(params, rep, att), 0.0), on.astype(context.dtype))
+    J = iterations
+    dt = context.dtype
+    tile = params.m_half[Op.ATTN_DECODE]
+    win = jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)
+    u1 = context + 1.0  # keys at j = 0
+    first = jnp.asarray(first, dt)
+    last = jnp.asarray(last, dt)
+    on = first <= last
+    end = last + 1.0
+    # first iteration with u1 + j >= tile, and first with u1 + j > win, clipped into [first, last + 1]
+    b1 = jnp.clip(jnp.ceil(tile - u1), first, end)
+    b2 = jnp.clip(jnp.floor(win - u1) + 1.0, b1, end)
+    # differences of (rows, rows below a tile, rows in [tile, win], rows above win, sum u1 over the
+    # middle rows, sum u1 over the rows above) at the four breakpoints of each row
+    one = jnp.ones_like(u1)
+    zero = jnp.zeros_like(u1)
+    upd = jnp.stack([
+        jnp.stack([one, one, zero, zero, zero, zero], -1),  # at first
+        jnp.stack([zero, -one, one, zero, u1, zero], -1),  # at b1
+        jnp.stack([zero, zero, -one, one, -u1, u1], -1),  # at b2
+        jnp.stack([-one, zero, zero, -one, zero, -u1], -1),  # at last + 1
+    ], -2) * on[..., None, None]  # [S, 4, 6]
+    pos = jnp.clip(jnp.stack([first, b1, b2, end], -1), 0, J).astype(jnp.int32)  # [S, 4]
+    diff = jnp.zeros((J + 1, 6), dt).at[pos].add(upd)
+    agg = _prefix(diff, jnp.add)[:J]
+    n, c_low, c_mid, c_high, s_mid, s_high = (agg[:, i] for i in range(6))
+    j = jnp.arange(J, dtype=dt)
+    keys_mid = s_mid + j * c_mid  # sum of u1 + j over the rows between tile and window
+    keys_high = s_high + j * c_high
+    item = decode_item_keys(params, rep.kv_bytes * (rep.d_qk_decode + rep.d_v_decode), rep.mem_bw)
+    F = rep.num_layers - rep.sliding_layers
+    keys = (F * (tile * c_low + keys_mid + keys_high + item * n)
+            + rep.sliding_layers * (tile * c_low + keys_mid + win * c_high + item * n))
     L = rep.num_layers
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
     dc_flops = 2.0 * width_d * keys
     dc_bytes = keys * rep.kv_bytes_token_layer + L * n * width_d * rep.act_bytes
-    # MHA kernels that do not split the context: the longest sequence's keys (see decode_attention_time)
-    longest = jnp.max(jnp.where(on, att, -_BIG), axis=-1)
+    # MHA kernels that do not split the context: the longest sequence's keys (see decode_attention_time).
+    # Rows decoding in iteration j >= 1 are those with first <= 1 and last >= j: a maximum by `last`,
+    # taken over every later `last`; iteration 0 has only the rows with first = 0.
+    lpos = jnp.clip(last, 0, J - 1).astype(jnp.int32)
+    by_last = jnp.full((J,), -_BIG, dt).at[lpos].max(jnp.where(on & (first <= 1.0), u1, -_BIG))
+    later = _prefix(by_last[::-1], jnp.maximum)[::-1]
+    at0 = jnp.max(jnp.where(on & (first <= 0.0), u1, -_BIG))
+    longest = jnp.where(j == 0, at0, later) + j
     serial = layer_keys(params, rep, longest) * rep.kv_bytes_serial
     attn = kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
                        serial_bytes=serial)
@@ -161,17 +198,36 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, offse
     return jnp.where(n > 0, const + attn, 0.0), n
 
 
+def _prefix(x, op):
+    """Inclusive prefix `op` (jnp.add or jnp.maximum) along the first axis, by log-step doubling:
+    a few shifted elementwise ops that XLA fuses into one kernel, where a cumulative reduce-window
+    is several kernels on XLA CPU."""
+    axis = 0
+    n = x.shape[axis]
+    ident = 0.0 if op is jnp.add else -_BIG
+    k = 1
+    while k < n:
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (k, 0)
+        shifted = jax.lax.slice_in_dim(jnp.pad(x, pad, constant_values=ident), 0, n, axis=axis)
+        x = op(x, shifted)
+        k *= 2
+    return x
+
+
 def decode_dense_time(params: CostParams, rep: Replica, n):
     """Seconds of everything but attention in a decode-only iteration of n sequences."""
     return sum(dense_parts(params, rep, n, n, n).values())
 
 
 def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decode_mask, offsets):
-    """Times of consecutive decode-only iterations in which every masked sequence decodes, its
-    context advanced by offsets[j] (`decode_stretch` with every row in every iteration)."""
-    first = jnp.where(decode_mask, 0.0, _BIG)
-    last = jnp.full(decode_mask.shape, _BIG)
-    return decode_stretch(params, rep, jnp.asarray(decode_context), first, last, offsets)[0]
+    """Times of decode-only iterations in which every masked sequence decodes, its context
+    advanced by each of `offsets` (one `decode_stretch` iteration per offset)."""
+    ctx = jnp.asarray(decode_context)
+    first = jnp.where(decode_mask, 0.0, _BIG).astype(ctx.dtype)
+    last = jnp.zeros_like(ctx)
+    one = lambda o: decode_stretch(params, rep, ctx + o, first, last, 1)[0][0]  # noqa: E731
+    return jax.vmap(one)(jnp.asarray(offsets, ctx.dtype))
 
 
 def dense_parts(params: CostParams, rep: Replica, T, n_sample, n_seq) -> dict[str, Float[Array, "..."]]:

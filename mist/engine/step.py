@@ -393,8 +393,8 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # materialised rows: the [W, S] kernels of the stretch then read them instead of recomputing the
     # whole slot logic per element
     u_p, first_p, last_p = _materialise(u, first, last)
-    dt_stretch, n_dec_j = decode_stretch(params, replica, u_p, first_p.astype(F64), last_p.astype(F64),
-                                         js.astype(F64), None if dense_tab is None else dense_tab[c])
+    dt_stretch, n_dec_j = decode_stretch(params, replica, u_p, first_p.astype(F64), last_p.astype(F64), W,
+                                         None if dense_tab is None else dense_tab[c])
     dts_llm = jnp.where(decode_only | (js > 0), dt_stretch, dt_general)
     dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * n_chunk
     dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64)
