@@ -167,7 +167,7 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, itera
     ], -2) * on[..., None, None]  # [S, 4, 6]
     pos = jnp.clip(jnp.stack([first, b1, b2, end], -1), 0, J).astype(jnp.int32)  # [S, 4]
     diff = jnp.zeros((J + 1, 6), dt).at[pos].add(upd)
-    agg = _prefix(diff, jnp.add)[:J]
+    agg = _prefix_sum(diff)[:J]
     n, c_low, c_mid, c_high, s_mid, s_high = (agg[:, i] for i in range(6))
     j = jnp.arange(J, dtype=dt)
     keys_mid = s_mid + j * c_mid  # sum of u1 + j over the rows between tile and window
@@ -185,7 +185,7 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, itera
     # taken over every later `last`; iteration 0 has only the rows with first = 0.
     lpos = jnp.clip(last, 0, J - 1).astype(jnp.int32)
     by_last = jnp.full((J,), -_BIG, dt).at[lpos].max(jnp.where(on & (first <= 1.0), u1, -_BIG))
-    later = _prefix(by_last[::-1], jnp.maximum)[::-1]
+    later = _suffix_max(by_last)
     at0 = jnp.max(jnp.where(on & (first <= 0.0), u1, -_BIG))
     longest = jnp.where(j == 0, at0, later) + j
     serial = layer_keys(params, rep, longest) * rep.kv_bytes_serial
@@ -198,21 +198,17 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, itera
     return jnp.where(n > 0, const + attn, 0.0), n
 
 
-def _prefix(x, op):
-    """Inclusive prefix `op` (jnp.add or jnp.maximum) along the first axis, by log-step doubling:
-    a few shifted elementwise ops that XLA fuses into one kernel, where a cumulative reduce-window
-    is several kernels on XLA CPU."""
-    axis = 0
-    n = x.shape[axis]
-    ident = 0.0 if op is jnp.add else -_BIG
-    k = 1
-    while k < n:
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (k, 0)
-        shifted = jax.lax.slice_in_dim(jnp.pad(x, pad, constant_values=ident), 0, n, axis=axis)
-        x = op(x, shifted)
-        k *= 2
-    return x
+def _prefix_sum(x):
+    """Inclusive prefix sums along the first axis, as one product with a triangular matrix (a
+    cumulative reduce-window is several kernels on XLA CPU); exact for integer-valued floats."""
+    i = jnp.arange(x.shape[0])
+    return (i[:, None] >= i[None, :]).astype(x.dtype) @ x
+
+
+def _suffix_max(x):
+    """max(x[j:]) for every j of a short 1-D array (one [n, n] masked reduction)."""
+    i = jnp.arange(x.shape[0])
+    return jnp.max(jnp.where(i[None, :] >= i[:, None], x[None, :], -_BIG), axis=1)
 
 
 def decode_dense_time(params: CostParams, rep: Replica, n):

@@ -47,7 +47,7 @@ def _rank_among_equal(key, mask):
     only (an [M, M] compare: cheaper than a one-hot cumulative sum for the window sizes used)."""
     i = jnp.arange(key.shape[0])
     same = (key[None, :] == key[:, None]) & mask[None, :] & (i[None, :] < i[:, None])
-    return jnp.sum(same, axis=1).astype(I32)
+    return jnp.sum(same, axis=1, dtype=I32)
 
 
 def _fmix32(x):
