@@ -427,6 +427,62 @@ def test_decode_item_time_by_hand():
     assert np.allclose(np.asarray(CostParams.from_dict(d).item_time), 1e-30, rtol=1e-4)
 
 
+def test_decode_second_kernel_by_hand():
+    # GQA (4 query heads, 2 KV heads of 16, 2 layers): a call that regroups heads (>= 2 sequences
+    # and >= 2 KV heads) or splits the context (longest > 256 keys at head dim 16, few items)
+    # launches a second kernel per layer, params.split_time[ATTN_DECODE] each (1 ms here)
+    from mist.cost.iteration import SPLIT_MAX_ITEMS, decode_extra_launches, decode_stretch_times
+    from mist.cost.operators import attn_decode_time, attn_prefill_time
+
+    ph = _phys(ideal_params())
+    p = make_params(**ph, split_time=[1e-30, 1e-3, 1e-3, 1e-30, 1e-30])
+    rep = lower_replica(DENSE, H100)
+    mha = lower_replica(parse_hf_config(cfg_dense(num_key_value_heads=4), name="tiny-mha"), H100)
+    t = lambda r, d: f(BD(p, r, batch(decode=d))["attn_decode"])  # noqa: E731
+    assert t(rep, [9]) < 1e-6  # one sequence, one KV block: one kernel
+    assert close(t(rep, [9, 99]), 2e-3, rel=1e-3)  # regrouped heads
+    assert close(t(rep, [299]), 2e-3, rel=1e-3)  # split context
+    assert close(t(rep, [9, 299]), 2e-3, rel=1e-3)  # both: still one second kernel
+    assert t(mha, [9, 299]) < 1e-6  # MHA: one unsplit kernel
+    # the split stops once the items fill the machine
+    assert f(decode_extra_launches(SPLIT_MAX_ITEMS, 1000.0, 4.0, 1.0, 128.0)) == 0.0
+    assert f(decode_extra_launches(SPLIT_MAX_ITEMS - 1.0, 1000.0, 4.0, 1.0, 128.0)) == 1.0
+    # a stretch charges it per iteration as the iteration cost does (the longest crosses 256 keys)
+    b = batch(decode=[250])
+    offs = (0.0, 10.0)
+    st = np.asarray(decode_stretch_times(p, rep, b.decode_context, b.decode_mask, jnp.asarray(offs)))
+    it = [f(IT(p, rep, batch(decode=[250 + o]))) for o in offs]
+    assert np.allclose(st, it, rtol=1e-5)
+    assert close(it[1] - it[0], 2e-3, rel=1e-3)
+    # the per-operator predictors (one layer) charge the same, and single-token prefill rows too
+    peak, bw = f(rep.peak_attn), f(rep.mem_bw)
+    assert close(f(attn_decode_time(p, 2.0, 100.0, 4.0, 2.0, 16.0, peak, bw)), 1e-3, rel=1e-3)
+    assert f(attn_decode_time(p, 1.0, 100.0, 4.0, 2.0, 16.0, peak, bw)) < 1e-6
+    assert f(attn_decode_time(p, 2.0, 100.0, 4.0, 1.0, 16.0, peak, bw, kv_tok_bytes=64.0)) < 1e-6  # MLA
+    assert close(f(attn_prefill_time(p, 2.0, 1.0, 100.0, 4.0, 2.0, 16.0, peak, bw)), 1e-3, rel=1e-3)
+    assert f(attn_prefill_time(p, 2.0, 2.0, 100.0, 4.0, 2.0, 16.0, peak, bw)) < 1e-6
+    # off (the default and files written before it existed)
+    d = ideal_params().to_dict()
+    for o in d["ops"].values():
+        del o["split_time_us"], o["gqa_pack"]
+    q = CostParams.from_dict(d)
+    assert np.allclose(np.asarray(q.split_time), 1e-30, rtol=1e-4)
+    assert np.all(np.asarray(q.gqa_pack) == 1.0)
+
+
+def test_prefill_gqa_packing_exponent_by_hand():
+    # FlashAttention-2 packs a KV group's query heads into one tile only for single-token queries:
+    # with gqa_pack -> 0 a 4-token chunk pads a whole 16-row tile per head, a 1-token one packs
+    from mist.cost.iteration import prefill_tile_pairs
+
+    ph = _phys(ideal_params())
+    p = make_params(**{**ph, "m_half": [1e-6, 16.0, 1e-6, 1e-6, 1e-6]}, gqa_pack=[1.0, 1e-6, 1.0, 1.0, 1.0])
+    assert close(f(prefill_tile_pairs(p, 4.0, 10.0, 4.0)), (4 + 16) * 16, rel=1e-4)
+    assert close(f(prefill_tile_pairs(p, 1.0, 1.0, 4.0)), (1 + 4) * 16, rel=1e-4)
+    h = make_params(**{**ph, "m_half": [1e-6, 16.0, 1e-6, 1e-6, 1e-6]}, gqa_pack=[1.0, 0.5, 1.0, 1.0, 1.0])
+    assert close(f(prefill_tile_pairs(h, 4.0, 10.0, 4.0)), (4 + 8) * 16, rel=1e-4)
+
+
 def test_gemm_serial_k_loop_floor_by_hand():
     # C[4, 64] = A[4, 4096] @ W[4096, 64] in bf16: one 128 x 128 output tile streams
     # 4096 x 128 x (2 + 2) bytes over its K loop; at serial_bw = 1 GB/s that floor dominates

@@ -160,13 +160,13 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
     z = jnp.zeros((), jnp.float32)
     mask = eqx.tree_at(
         lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness, p.log_pair_width,
-                   p.log_serial_bw, p.log_item_time,
+                   p.log_serial_bw, p.log_item_time, p.log_split_time, p.gqa_pack_logit,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
                    p.log_cpu_per_token, p.step_noise_sigma),
         template,
         (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
-         jnp.asarray(om), jnp.asarray(om),
+         jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
          jnp.asarray(cm), z, z, z, z),
     )
@@ -179,6 +179,11 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
 SERIAL_BW_START = {"ATTN_DECODE": 25e9, "GEMM": 1e12}
 #: where a fit starts the fixed time per work item (s; see CostParams.log_item_time), off by default
 ITEM_TIME_START = {"ATTN_DECODE": 1e-8}
+#: where a fit starts the time of a decode call's second kernel (s; see CostParams.log_split_time)
+SPLIT_TIME_START = {"ATTN_DECODE": 3e-6, "ATTN_PREFILL": 3e-6}
+#: where a fit starts the GQA packing exponent (see CostParams.gqa_pack_logit): half way, so that
+#: the gradient of its logit does not vanish at full packing
+GQA_PACK_START = {"ATTN_PREFILL": 0.5}
 
 
 def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
@@ -196,7 +201,16 @@ def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
     for name, t in ITEM_TIME_START.items():
         if int(Op[name]) in present:
             w = w.at[int(Op[name])].set(jnp.log(jnp.float32(t)))
-    return eqx.tree_at(lambda q: (q.log_serial_bw, q.log_item_time), p, (v, w))
+    x = p.log_split_time
+    for name, t in SPLIT_TIME_START.items():
+        if int(Op[name]) in present:
+            x = x.at[int(Op[name])].set(jnp.log(jnp.float32(t)))
+    y = p.gqa_pack_logit
+    for name, e in GQA_PACK_START.items():
+        if int(Op[name]) in present:
+            y = y.at[int(Op[name])].set(jnp.log(jnp.float32(e)) - jnp.log1p(-jnp.float32(e)))
+    return eqx.tree_at(lambda q: (q.log_serial_bw, q.log_item_time, q.log_split_time, q.gqa_pack_logit), p,
+                       (v, w, x, y))
 
 
 def _as_prep(groups: dict) -> Prepared:

@@ -76,10 +76,39 @@ def prefill_tile_pairs(params: CostParams, q, pairs, q_per_kv=1.0):
     tiles and each query tile visits at least one key tile, so short chunks and short contexts cost
     more than their exact pairs. m_half[ATTN_PREFILL] is that tile (tokens). The query tile packs
     the q_per_kv query heads that share a KV head (GQA packing), so per query head it pads by
-    tile / q_per_kv rows: (q + tile / q_per_kv) * max(mean keys per query, tile)."""
+    tile / q_per_kv rows: (q + tile / q_per_kv) * max(mean keys per query, tile). Chunks of more
+    than one token pack q_per_kv^e heads (e = params.gqa_pack[ATTN_PREFILL], fitted per device:
+    FlashAttention-2 packs the group only for single-token queries, FlashAttention-3 always)."""
     tile = params.m_half[Op.ATTN_PREFILL]
     qs = jnp.maximum(q, 1.0)
-    return jnp.where(q > 0, (q + tile / q_per_kv) * jnp.maximum(pairs / qs, tile), 0.0)
+    pack = jnp.where(q > 1.0, jnp.power(q_per_kv, params.gqa_pack[Op.ATTN_PREFILL]), q_per_kv)
+    return jnp.where(q > 0, (q + tile / pack) * jnp.maximum(pairs / qs, tile), 0.0)
+
+
+#: FlashAttention-2 splits a decode call's context only while its (sequence, KV head) work items
+#: fill fewer than 0.8 x the SMs (108 on A100); with more it runs one kernel
+SPLIT_MAX_ITEMS = 86.4
+
+
+def decode_extra_launches(n, longest, q_per_kv, kv_heads, head_dim):
+    """Second kernels (0 or 1 per layer) of a GQA decode-attention call of n sequences whose
+    longest attends to `longest` keys. FlashAttention-2 packs the q_per_kv query heads of a KV head
+    into one query tile by regrouping the query and output, which takes a copy kernel once the call
+    has >= 2 sequences and >= 2 KV heads; it splits the context (and adds a combine kernel) when the
+    longest sequence spans more than one KV block (256 keys at head dim <= 64, 128 at <= 128, else
+    64) while few items run (SPLIT_MAX_ITEMS). MHA and MLA (q_per_kv = 1) launch one kernel. Charged
+    at params.split_time[ATTN_DECODE] each (see decode_split_time)."""
+    block = jnp.where(head_dim <= 64.0, 256.0, jnp.where(head_dim <= 128.0, 128.0, 64.0))
+    regroup = (n >= 2.0) & (kv_heads >= 2.0)
+    split = (longest > block) & (n * kv_heads < SPLIT_MAX_ITEMS)
+    return jnp.where((q_per_kv > 1.0) & (regroup | split), 1.0, 0.0)
+
+
+def decode_split_time(params: CostParams, rep: Replica, n, longest):
+    """Seconds of decode attention's second kernels over every layer for n decoding sequences, the
+    longest attending to `longest` keys (elementwise; see decode_extra_launches)."""
+    extra = decode_extra_launches(n, longest, rep.q_per_kv, rep.heads / rep.q_per_kv, rep.d_qk_decode)
+    return rep.num_layers * params.split_time[Op.ATTN_DECODE] * extra
 
 
 def decode_tile_keys(params: CostParams, keys):
@@ -104,12 +133,14 @@ def decode_attention_time(params: CostParams, rep: Replica, decode_context, dm):
     att = decode_context + 1.0
     keys = layer_keys(params, rep, att) * dm
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
-    dc_flops, dc_bytes = sum_rows(2.0 * width_d * keys, keys * rep.kv_bytes_token_layer + L * dm * width_d * rep.act_bytes)
+    dc_flops, dc_bytes, n = sum_rows(2.0 * width_d * keys, keys * rep.kv_bytes_token_layer
+                                     + L * dm * width_d * rep.act_bytes, dm)
     # MHA kernels that do not split the context: the longest sequence's thread block streams its keys
     # alone (see Replica.kv_bytes_serial)
-    serial = layer_keys(params, rep, jnp.max(jnp.where(dm > 0, att, -_BIG), axis=-1)) * rep.kv_bytes_serial
-    return kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
-                       serial_bytes=serial)
+    longest = jnp.max(jnp.where(dm > 0, att, -_BIG), axis=-1)
+    serial = serial_keys(params, rep, longest) * rep.kv_bytes_serial
+    return (kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
+                        serial_bytes=serial) + decode_split_time(params, rep, n, longest))
 
 
 def layer_keys(params: CostParams, rep: Replica, att):
@@ -122,6 +153,18 @@ def layer_keys(params: CostParams, rep: Replica, att):
     full = jnp.maximum(att, tile) + item
     win = jnp.clip(att, tile, jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)) + item
     return (rep.num_layers - rep.sliding_layers) * full + rep.sliding_layers * win
+
+
+def serial_keys(params: CostParams, rep: Replica, att):
+    """Keys, summed over the layers, that one thread block of an unsplit (MHA) decode kernel streams
+    for the sequence attending to `att` keys: its context (sliding-window layers capped at the
+    window) plus the fixed work of its item (see layer_keys), without the KV tile floor, which a
+    short context's block streams while the launch's fixed time runs (see Replica.kv_bytes_serial)."""
+    item = decode_item_keys(params, rep.kv_bytes * (rep.d_qk_decode + rep.d_v_decode), rep.mem_bw)
+    a = jnp.maximum(att, 0.0)
+    win = jnp.minimum(a, jnp.where(rep.window > 0, rep.window, _BIG))
+    keys = (rep.num_layers - rep.sliding_layers) * (a + item) + rep.sliding_layers * (win + item)
+    return jnp.where(att > 0, keys, 0.0)  # no sequence (att = -inf): exactly 0, no vanishing floor
 
 
 def decode_stretch(params: CostParams, rep: Replica, context, first, last, iterations: int, dense_table=None):
@@ -188,9 +231,9 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, itera
     later = _suffix_max(by_last)
     at0 = jnp.max(jnp.where(on & (first <= 0.0), u1, -_BIG))
     longest = jnp.where(j == 0, at0, later) + j
-    serial = layer_keys(params, rep, longest) * rep.kv_bytes_serial
+    serial = serial_keys(params, rep, longest) * rep.kv_bytes_serial
     attn = kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
-                       serial_bytes=serial)
+                       serial_bytes=serial) + decode_split_time(params, rep, n, longest)
     if dense_table is None:
         const = decode_dense_time(params, rep, n)
     else:

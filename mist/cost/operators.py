@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .iteration import _windowed_pairs, decode_tile_keys, prefill_tile_pairs
+from .iteration import _windowed_pairs, decode_extra_launches, decode_tile_keys, prefill_tile_pairs
 from .params import Comm, CostParams, Op
 from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time
 
@@ -31,7 +31,11 @@ def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads,
     flops_eff = batch * 2.0 * width * prefill_tile_pairs(params, q_len, pairs, heads / kv_heads)
     kv_tok = 2.0 * kv_heads * head_dim * kv_bytes
     bytes_ = batch * (kv_len * kv_tok + q_len * (2.0 * heads * head_dim * a_bytes + kv_tok))
-    return kernel_time(params, Op.ATTN_PREFILL, flops_eff, bytes_, peak_flops, mem_bw, _BIG, 1.0)
+    # single-token queries run the decode path of the kernel (FlashAttention-2 regroups GQA heads
+    # and splits the context as in decode, see iteration.decode_extra_launches): its second kernel
+    extra = jnp.where(q_len <= 1.0, decode_extra_launches(batch, kv_len, heads / kv_heads, kv_heads, head_dim), 0.0)
+    return (kernel_time(params, Op.ATTN_PREFILL, flops_eff, bytes_, peak_flops, mem_bw, _BIG, 1.0)
+            + params.split_time[Op.ATTN_PREFILL] * extra)
 
 
 def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_dim, peak_flops, mem_bw,
@@ -41,13 +45,19 @@ def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_di
     d_v = head_dim if d_v is None else d_v
     kv_tok = 2.0 * kv_heads * head_dim * kv_bytes if kv_tok_bytes is None else kv_tok_bytes
     # MHA (one query head per KV head): the kernel runs one thread block per (sequence, head) over
-    # the whole context (see Replica.kv_bytes_serial); MLA and GQA split or pack instead
+    # the whole context, no KV tile floor (see Replica.kv_bytes_serial, iteration.serial_keys); MLA
+    # and GQA split or pack instead
     serial_tok = jnp.where(heads <= kv_heads, 2.0 * head_dim * kv_bytes, 0.0) if kv_tok_bytes is None else 0.0
-    keys = decode_tile_keys(params, kv_len) + decode_item_keys(params, kv_bytes * (head_dim + d_v), mem_bw)
+    item = decode_item_keys(params, kv_bytes * (head_dim + d_v), mem_bw)
+    keys = decode_tile_keys(params, kv_len) + item
     flops = batch * 2.0 * heads * (head_dim + d_v) * keys
     bytes_ = batch * (keys * kv_tok + heads * (head_dim + d_v) * a_bytes)
-    return kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, _BIG, 1.0,
-                       serial_bytes=keys * serial_tok)
+    # GQA calls that regroup heads or split the context launch a second kernel (MLA: one kernel, as
+    # the engine's absorbed form; see iteration.decode_extra_launches)
+    q_per_kv = jnp.where(kv_tok_bytes is None, heads / kv_heads, 1.0)
+    extra = decode_extra_launches(batch, kv_len, q_per_kv, kv_heads, head_dim)
+    return (kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, _BIG, 1.0,
+                        serial_bytes=(kv_len + item) * serial_tok) + params.split_time[Op.ATTN_DECODE] * extra)
 
 
 def moe_time(params: CostParams, num_tokens, hidden, inter, num_experts, top_k, peak_flops, mem_bw,

@@ -46,6 +46,11 @@ def _logit(p):
     return np.log(p) - np.log1p(-p)
 
 
+def _logit64(p):
+    p = np.asarray(p, dtype=np.float64)
+    return np.log(p) - np.log1p(-p)
+
+
 class CostParams(eqx.Module):
     """Fitted (or default) efficiency terms of one device's cost model.
 
@@ -66,6 +71,16 @@ class CostParams(eqx.Module):
         resident at once): the block-table walk, query load, softmax merge and output store that
         every item pays however short its context; charged as the keys one head streams in that
         time (see mist.cost.iteration.decode_tile_keys)
+      log_split_time: decode attention only: log seconds of the second kernel that a GQA decode call
+        launches per layer when it splits the context or regroups its heads (FlashAttention-2: the
+        split-KV combine kernel, the copies of the head-regrouped query and output; see
+        mist.cost.iteration.decode_extra_launches); fitted per device, ~0 where the kernels do not
+        launch that way
+      gqa_pack_logit: prefill attention only: sigmoid(.) in (0, 1) is the exponent e of the GQA
+        packing of query tiles for chunks of more than one token: a query tile holds q_per_kv^e
+        query heads of one KV head (1: all of them, FlashAttention-3; ~0: one, FlashAttention-2,
+        which packs the group only for single-token queries; see
+        mist.cost.iteration.prefill_tile_pairs)
       log_pair_width: prefill attention only: log of the work per query-key pair and head that does not
         scale with the head width (softmax, masking, rescaling), in head-width units: a pair costs
         2 (d_qk + d_v + pair_width) FLOPs at the kernel's efficiency instead of 2 (d_qk + d_v)
@@ -94,6 +109,8 @@ class CostParams(eqx.Module):
     log_pair_width: Float[Array, "ops"]
     log_serial_bw: Float[Array, "ops"]
     log_item_time: Float[Array, "ops"]
+    log_split_time: Float[Array, "ops"]
+    gqa_pack_logit: Float[Array, "ops"]
     comm_bw_logit: Float[Array, "comms"]
     log_comm_latency_scale: Float[Array, "comms"]
     log_comm_s_half: Float[Array, "comms"]
@@ -137,6 +154,14 @@ class CostParams(eqx.Module):
     @property
     def item_time(self):
         return jnp.exp(self.log_item_time)
+
+    @property
+    def split_time(self):
+        return jnp.exp(self.log_split_time)
+
+    @property
+    def gqa_pack(self):
+        return jax_sigmoid(self.gqa_pack_logit)
 
     @property
     def comm_bw_eff(self):
@@ -188,6 +213,8 @@ class CostParams(eqx.Module):
                 "pair_width": f(self.pair_width[op]),
                 "serial_bw_gbs": f(self.serial_bw[op] * 1e-9),
                 "item_time_ns": f(self.item_time[op] * 1e9),
+                "split_time_us": f(self.split_time[op] * 1e6),
+                "gqa_pack": f(self.gqa_pack[op]),
             } for op in Op},
             "comms": {c.name.lower(): {
                 "bw_eff": f(self.comm_bw_eff[c]),
@@ -223,6 +250,8 @@ class CostParams(eqx.Module):
                 pair_width=[ops[o.name.lower()].get("pair_width", PAIR_WIDTH_OFF) for o in Op],
                 serial_bw=[ops[o.name.lower()].get("serial_bw_gbs", SERIAL_BW_OFF * 1e-9) * 1e9 for o in Op],
                 item_time=[ops[o.name.lower()].get("item_time_ns", ITEM_TIME_OFF * 1e9) * 1e-9 for o in Op],
+                split_time=[ops[o.name.lower()].get("split_time_us", SPLIT_TIME_OFF * 1e6) * 1e-6 for o in Op],
+                gqa_pack=[ops[o.name.lower()].get("gqa_pack", GQA_PACK_FULL) for o in Op],
                 comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
                 comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
                 comm_s_half=cget("s_half_bytes", COMM_OFF["s_half"]),
@@ -252,14 +281,21 @@ PAIR_WIDTH_OFF = 1e-6
 SERIAL_BW_OFF = 1e18
 #: fixed time per work item (s) that switches that term off (files written before it existed)
 ITEM_TIME_OFF = 1e-30
+#: time of a decode call's second kernel (s) that switches that term off (files written before it)
+SPLIT_TIME_OFF = 1e-30
+#: GQA packing exponent of full packing (files written before it existed; the clip of make_params
+#: keeps it at 1 - 1e-4)
+GQA_PACK_FULL = 1.0
 
 
 def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
                 comm_latency_scale, cpu_iter_s, cpu_per_seq_s, cpu_per_token_s,
                 step_noise_sigma=0.0, comm_s_half=None, comm_beta=None, comm_group_exp=None,
-                comm_overhead_s=None, pair_width=None, serial_bw=None, item_time=None) -> CostParams:
+                comm_overhead_s=None, pair_width=None, serial_bw=None, item_time=None,
+                split_time=None, gqa_pack=None) -> CostParams:
     """Build CostParams from physical values (collective terms and the attention pair width left
-    out are switched off, see COMM_OFF, PAIR_WIDTH_OFF, SERIAL_BW_OFF and ITEM_TIME_OFF)."""
+    out are switched off, see COMM_OFF, PAIR_WIDTH_OFF, SERIAL_BW_OFF, ITEM_TIME_OFF and
+    SPLIT_TIME_OFF; the GQA packing is full, GQA_PACK_FULL)."""
     full = lambda v, k: [COMM_OFF[k]] * NUM_COMMS if v is None else v  # noqa: E731
     a = lambda x: jnp.asarray(np.asarray(x, dtype=np.float32))  # noqa: E731
     clip = lambda p: np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)  # noqa: E731
@@ -274,6 +310,11 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
         log_serial_bw=a(np.log(pos([SERIAL_BW_OFF] * NUM_OPS if serial_bw is None else serial_bw))),
         log_item_time=a(np.log(np.maximum(np.asarray([ITEM_TIME_OFF] * NUM_OPS if item_time is None
                                                      else item_time, dtype=np.float64), 1e-30))),
+        log_split_time=a(np.log(np.maximum(np.asarray([SPLIT_TIME_OFF] * NUM_OPS if split_time is None
+                                                      else split_time, dtype=np.float64), 1e-30))),
+        # clipped nearer to 1 than the efficiencies: full packing evaluates to exactly 1 in float32
+        gqa_pack_logit=a(_logit64(np.clip(np.asarray([GQA_PACK_FULL] * NUM_OPS if gqa_pack is None else gqa_pack,
+                                                     dtype=np.float64), 1e-6, 1 - 1e-9))),
         comm_bw_logit=a(_logit(clip(comm_bw_eff))),
         log_comm_latency_scale=a(np.log(pos(comm_latency_scale))),
         log_comm_s_half=a(np.log(pos(full(comm_s_half, "s_half")))),
