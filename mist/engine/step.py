@@ -31,8 +31,15 @@ def _excl_cumsum(x):
 def _prefix_true(x):
     """x[0] & ... & x[i] for every i (a cumulative product of booleans), as a compare against the first
     False: one reduction instead of a scan (a cumulative sum costs several kernels on XLA CPU)."""
+    return _prefix_count(x)[0]
+
+
+def _prefix_count(x):
+    """(`_prefix_true(x)`, its number of True entries) for a 1-D x: the count is the position of the
+    first False, which the same reduction gives (a separate sum would be two or three kernels)."""
     i = jnp.arange(x.shape[-1], dtype=I32)
-    return i < jnp.min(jnp.where(x, x.shape[-1], i), axis=-1, keepdims=True)
+    n = jnp.min(jnp.where(x, x.shape[-1], i), axis=-1)
+    return i < n, n
 
 
 def _slot_sums(*xs):
@@ -205,10 +212,11 @@ def arrival_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload
     multi = (topo.pipeline_pools[:, 1:] >= 0).any() if dims.stages > 1 else False
     t_lim = jnp.where(multi, t_first, jnp.maximum(t_limit, t_first))
     due = (idx < n_valid) & (wl.arrival[idx_s] <= t_lim)
-    due = _prefix_true(due) & enabled
+    due, n_due = _prefix_count(due)
+    due = due & enabled
     st = route_and_push(dims, cl, topo, wl, st, idx, jnp.zeros(A, I32), wl.arrival[idx_s], jnp.zeros(A, F64),
                         jnp.full(A, -1, I32), due)
-    return eqx_replace(st, cursor=st.cursor + due.sum().astype(I32))
+    return eqx_replace(st, cursor=st.cursor + jnp.where(enabled, n_due, 0))
 
 
 # ------------------------------------------------------------------------------------ client steps
@@ -266,7 +274,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     w_item, w_ready = _materialise(st.q_item[c, qpos], st.q_ready[c, qpos])  # read the queues once
     w_rid, w_stage = w_item // K, w_item % K
     inq = w < qlen
-    rdy = _prefix_true(inq & (w_ready <= t))
+    rdy, n_ready = _prefix_count(inq & (w_ready <= t))
     w_rid_s = jnp.clip(w_rid, 0, N - 1)
     w_prompt, w_target = _stage_shape(cl, topo, wl, w_rid_s, w_stage, c)
     gen0 = st.r_gen[w_rid_s]
@@ -286,7 +294,6 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     free_slots = s_eff - n_active
     gate = jnp.where(pol == Policy.CHUNKED, True,
                      jnp.where(pol == Policy.CONTINUOUS, True, n_active == 0))
-    n_ready = rdy.sum()
     gate = gate & jnp.where(pol == Policy.STATIC, (n_ready >= s_eff) | (st.cursor >= n_valid), True)
     # token budget left for new prefills
     run_prefill_tokens = jnp.where(exclusive, 0, run_chunk_tokens)
@@ -303,8 +310,10 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     kv_ok = (jnp.cumsum(w_blocks) <= free_blocks) | ~is_llm
     slot_ok = w < free_slots
     preempt_chunked = (~exclusive) & (need_blocks > cap)
-    admit = _prefix_true(rdy & tok_ok & kv_ok & slot_ok) & gate & ~preempt_chunked & go
-    n_admit = admit.sum().astype(I32)
+    admit, n_admit = _prefix_count(rdy & tok_ok & kv_ok & slot_ok)
+    admit_on = gate & ~preempt_chunked & go
+    admit = admit & admit_on
+    n_admit = jnp.where(admit_on, n_admit, 0)
     # an exclusive policy that admits runs a prefill-only iteration; otherwise it decodes
     prefill_iter = exclusive & (n_admit > 0)
     preempting = is_llm & jnp.where(exclusive, ~prefill_iter & (need_blocks > cap), preempt_chunked) & go
@@ -432,14 +441,14 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     y = prompt + gen - 1
     v = jnp.where(dec1, jnp.minimum(bs - y % bs, W), W + 1)
     below = jnp.cumsum(jnp.zeros(W + 2, I32).at[v].add(1))  # below[m] = #{v <= m}
-    base_blocks, n_dec1 = _slot_sums(jnp.where(dec1, y // bs + 1, 0), dec1)
+    base_blocks, n_dec1, n_pf_left = _slot_sums(jnp.where(dec1, y // bs + 1, 0), dec1, prefill & active)
     blocks_j = base_blocks + n_dec1 * (js // bs) + below[js % bs]
     pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
-    cont = is_llm & ~preempting & ~(prefill & active).any() & (decode_only | ~blocked)
+    cont = is_llm & ~preempting & (n_pf_left == 0) & (decode_only | ~blocked)
     ok = (cont & (js <= j_stop) & (n_dec_j > 0) & ((blocks_j <= cap) | ~is_llm)
           & (starts < t_before) & (starts <= t_after) & (starts < pending))
     ok = ok.at[0].set(True)
-    k = _prefix_true(ok).sum().astype(I32)
+    k = _prefix_count(ok)[1]
     k = jnp.where(go, k, 0)
     ends = t + jnp.cumsum(jnp.where(js < k, dts, 0.0))  # end time of iteration j (< k)
     t_end = ends[jnp.maximum(k - 1, 0)]
@@ -450,7 +459,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     later_it = (js >= 1) & (js < k)
     n_later = jnp.where(later_it, n_dec_j, 0.0)
     hist = hist.at[_itl_bin(dts, dims.itl_bins)].add(n_later)
-    itl_sum = st.itl_sum + first_gap.sum() + (dts * n_later).sum()
+    itl_sum = st.itl_sum + jnp.sum(jnp.concatenate([first_gap, dts * n_later]))
 
     # ---- apply the later iterations: each row's last token (and stage end) is at the end of the
     # last iteration it ran in
@@ -465,6 +474,9 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     fr = jnp.where(finished, rid, N)
     o_stage_end = st.o_stage_end.at[fr, stage].set(t_row, mode="drop")
 
+    # tokens leaving the client (least-outstanding routing) and requests completing (no next stage)
+    fin_tokens, n_completes = _slot_sums(jnp.where(finished, prompt + target, 0), finished & ~has_next)
+
     # ---- compact: running slots first, in admission order
     keep = active & ~finished
     dest = jnp.where(keep, jnp.cumsum(keep) - 1, S)
@@ -476,7 +488,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
         st,
         t_free=st.t_free.at[c].set(jnp.where(go, t_end, st.t_free[c])), iters=st.iters.at[c].add(k),
         busy=st.busy.at[c].add(jnp.where(go, t_end - t, 0.0)),
-        outstanding=st.outstanding.at[c].add(-jnp.where(finished, prompt + target, 0).sum().astype(F64)),
+        outstanding=st.outstanding.at[c].add(-fin_tokens.astype(F64)),
         slots=st.slots.at[c].set(slots_c), s_last_tok=st.s_last_tok.at[c].set(last_c),
         q_item=q_item, q_ready=q_ready, q_head=q_head,
         order=st.order + n_admit,
@@ -498,8 +510,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
                          r_preempted=st.r_preempted.at[hr].set(False, mode="drop"))
         st = route_and_push(dims, cl, topo, wl, st, rid, nxt, t_row, kv_bytes, jnp.full(S, c, I32), has_next)
         cr = jnp.where(finished & ~has_next, rid, N)
-    return eqx_replace(st, o_finish=st.o_finish.at[cr].set(t_row, mode="drop"),
-                       completed=st.completed + (cr < N).sum().astype(I32))
+    return eqx_replace(st, o_finish=st.o_finish.at[cr].set(t_row, mode="drop"), completed=st.completed + n_completes)
 
 
 def _materialise(*xs):
