@@ -461,12 +461,29 @@ def test_decode_second_kernel_by_hand():
     assert f(attn_decode_time(p, 2.0, 100.0, 4.0, 1.0, 16.0, peak, bw, kv_tok_bytes=64.0)) < 1e-6  # MLA
     assert close(f(attn_prefill_time(p, 2.0, 1.0, 100.0, 4.0, 2.0, 16.0, peak, bw)), 1e-3, rel=1e-3)
     assert f(attn_prefill_time(p, 2.0, 2.0, 100.0, 4.0, 2.0, 16.0, peak, bw)) < 1e-6
+    # the regrouped GQA path: params.group_time per layer of every GQA call (1 us here), none for MHA
+    # or an empty batch; the stretch and both predictors agree
+    g = make_params(**ph, split_time=[1e-30, 1e-3, 1e-3, 1e-30, 1e-30], group_time=[1e-30, 1e-6, 1e-6, 1e-30, 1e-30])
+    tg = lambda r, d: f(BD(g, r, batch(decode=d))["attn_decode"])  # noqa: E731
+    assert close(tg(rep, [9]), 2e-6, rel=1e-3)
+    assert close(tg(rep, [9, 99]), 2e-3 + 2e-6, rel=1e-3)
+    assert close(tg(mha, [9, 299]), t(mha, [9, 299]))  # MHA: no regrouped path
+    assert f(BD(g, rep, batch(prefill=[4]))["attn_decode"]) == 0.0
+    st = np.asarray(decode_stretch_times(g, rep, b.decode_context, b.decode_mask, jnp.asarray(offs)))
+    assert np.allclose(st, [f(IT(g, rep, batch(decode=[250 + o]))) for o in offs], rtol=1e-5)
+    assert close(f(attn_decode_time(g, 1.0, 100.0, 4.0, 2.0, 16.0, peak, bw))
+                 - f(attn_decode_time(p, 1.0, 100.0, 4.0, 2.0, 16.0, peak, bw)), 1e-6, rel=1e-3)
+    assert close(f(attn_prefill_time(g, 1.0, 1.0, 100.0, 4.0, 2.0, 16.0, peak, bw))
+                 - f(attn_prefill_time(p, 1.0, 1.0, 100.0, 4.0, 2.0, 16.0, peak, bw)), 1e-6, rel=1e-3)
+    assert close(f(attn_decode_time(g, 1.0, 100.0, 4.0, 4.0, 16.0, peak, bw)),
+                 f(attn_decode_time(p, 1.0, 100.0, 4.0, 4.0, 16.0, peak, bw)))
     # off (the default and files written before it existed)
     d = ideal_params().to_dict()
     for o in d["ops"].values():
-        del o["split_time_us"], o["gqa_pack"]
+        del o["split_time_us"], o["group_time_us"], o["gqa_pack"]
     q = CostParams.from_dict(d)
     assert np.allclose(np.asarray(q.split_time), 1e-30, rtol=1e-4)
+    assert np.allclose(np.asarray(q.group_time), 1e-30, rtol=1e-4)
     assert np.all(np.asarray(q.gqa_pack) == 1.0)
 
 

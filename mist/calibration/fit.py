@@ -160,13 +160,13 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
     z = jnp.zeros((), jnp.float32)
     mask = eqx.tree_at(
         lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness, p.log_pair_width,
-                   p.log_serial_bw, p.log_item_time, p.log_split_time, p.gqa_pack_logit,
+                   p.log_serial_bw, p.log_item_time, p.log_split_time, p.log_group_time, p.gqa_pack_logit,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
                    p.log_cpu_per_token, p.step_noise_sigma),
         template,
         (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
-         jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
+         jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
          jnp.asarray(cm), z, z, z, z),
     )
@@ -181,6 +181,8 @@ SERIAL_BW_START = {"ATTN_DECODE": 25e9, "GEMM": 1e12}
 ITEM_TIME_START = {"ATTN_DECODE": 1e-8}
 #: where a fit starts the time of a decode call's second kernel (s; see CostParams.log_split_time)
 SPLIT_TIME_START = {"ATTN_DECODE": 3e-6, "ATTN_PREFILL": 3e-6}
+#: where a fit starts the time of the GQA regrouped path (s; see CostParams.log_group_time)
+GROUP_TIME_START = {"ATTN_DECODE": 1e-6, "ATTN_PREFILL": 1e-6}
 #: where a fit starts the GQA packing exponent (see CostParams.gqa_pack_logit): half way, so that
 #: the gradient of its logit does not vanish at full packing
 GQA_PACK_START = {"ATTN_PREFILL": 0.5}
@@ -209,8 +211,12 @@ def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
     for name, e in GQA_PACK_START.items():
         if int(Op[name]) in present:
             y = y.at[int(Op[name])].set(jnp.log(jnp.float32(e)) - jnp.log1p(-jnp.float32(e)))
-    return eqx.tree_at(lambda q: (q.log_serial_bw, q.log_item_time, q.log_split_time, q.gqa_pack_logit), p,
-                       (v, w, x, y))
+    z = p.log_group_time
+    for name, t in GROUP_TIME_START.items():
+        if int(Op[name]) in present:
+            z = z.at[int(Op[name])].set(jnp.log(jnp.float32(t)))
+    return eqx.tree_at(lambda q: (q.log_serial_bw, q.log_item_time, q.log_split_time, q.log_group_time,
+                                  q.gqa_pack_logit), p, (v, w, x, z, y))
 
 
 def _as_prep(groups: dict) -> Prepared:

@@ -106,9 +106,11 @@ def decode_extra_launches(n, longest, q_per_kv, kv_heads, head_dim):
 
 def decode_split_time(params: CostParams, rep: Replica, n, longest):
     """Seconds of decode attention's second kernels over every layer for n decoding sequences, the
-    longest attending to `longest` keys (elementwise; see decode_extra_launches)."""
+    longest attending to `longest` keys (elementwise; see decode_extra_launches), and of the GQA
+    regrouped path (params.group_time) of every call that has a sequence."""
     extra = decode_extra_launches(n, longest, rep.q_per_kv, rep.heads / rep.q_per_kv, rep.d_qk_decode)
-    return rep.num_layers * params.split_time[Op.ATTN_DECODE] * extra
+    group = jnp.where((rep.q_per_kv > 1.0) & (n > 0), params.group_time[Op.ATTN_DECODE], 0.0)
+    return rep.num_layers * (params.split_time[Op.ATTN_DECODE] * extra + group)
 
 
 def decode_tile_keys(params: CostParams, keys):

@@ -33,9 +33,11 @@ def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads,
     bytes_ = batch * (kv_len * kv_tok + q_len * (2.0 * heads * head_dim * a_bytes + kv_tok))
     # single-token queries run the decode path of the kernel (FlashAttention-2 regroups GQA heads
     # and splits the context as in decode, see iteration.decode_extra_launches): its second kernel
-    extra = jnp.where(q_len <= 1.0, decode_extra_launches(batch, kv_len, heads / kv_heads, kv_heads, head_dim), 0.0)
+    one = q_len <= 1.0
+    extra = jnp.where(one, decode_extra_launches(batch, kv_len, heads / kv_heads, kv_heads, head_dim), 0.0)
+    group = jnp.where(one & (heads > kv_heads), params.group_time[Op.ATTN_PREFILL], 0.0)
     return (kernel_time(params, Op.ATTN_PREFILL, flops_eff, bytes_, peak_flops, mem_bw, _BIG, 1.0)
-            + params.split_time[Op.ATTN_PREFILL] * extra)
+            + params.split_time[Op.ATTN_PREFILL] * extra + group)
 
 
 def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_dim, peak_flops, mem_bw,
@@ -56,8 +58,10 @@ def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_di
     # the engine's absorbed form; see iteration.decode_extra_launches)
     q_per_kv = jnp.where(kv_tok_bytes is None, heads / kv_heads, 1.0)
     extra = decode_extra_launches(batch, kv_len, q_per_kv, kv_heads, head_dim)
+    group = jnp.where(q_per_kv > 1.0, params.group_time[Op.ATTN_DECODE], 0.0)  # the regrouped path
     return (kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, _BIG, 1.0,
-                        serial_bytes=(kv_len + item) * serial_tok) + params.split_time[Op.ATTN_DECODE] * extra)
+                        serial_bytes=(kv_len + item) * serial_tok) + params.split_time[Op.ATTN_DECODE] * extra
+            + group)
 
 
 def moe_time(params: CostParams, num_tokens, hidden, inter, num_experts, top_k, peak_flops, mem_bw,

@@ -76,6 +76,10 @@ class CostParams(eqx.Module):
         split-KV combine kernel, the copies of the head-regrouped query and output; see
         mist.cost.iteration.decode_extra_launches); fitted per device, ~0 where the kernels do not
         launch that way
+      log_group_time: attention: log seconds per layer that a GQA call's head-regrouped single-token
+        path takes beyond an MHA call's fixed time (FlashAttention-2 runs a KV group's query heads as
+        the rows of one query tile, from reshaped query, output and softmax statistics); fitted per
+        device, ~0 where the kernels pack heads natively
       gqa_pack_logit: prefill attention only: sigmoid(.) in (0, 1) is the exponent e of the GQA
         packing of query tiles for chunks of more than one token: a query tile holds q_per_kv^e
         query heads of one KV head (1: all of them, FlashAttention-3; ~0: one, FlashAttention-2,
@@ -110,6 +114,7 @@ class CostParams(eqx.Module):
     log_serial_bw: Float[Array, "ops"]
     log_item_time: Float[Array, "ops"]
     log_split_time: Float[Array, "ops"]
+    log_group_time: Float[Array, "ops"]
     gqa_pack_logit: Float[Array, "ops"]
     comm_bw_logit: Float[Array, "comms"]
     log_comm_latency_scale: Float[Array, "comms"]
@@ -158,6 +163,10 @@ class CostParams(eqx.Module):
     @property
     def split_time(self):
         return jnp.exp(self.log_split_time)
+
+    @property
+    def group_time(self):
+        return jnp.exp(self.log_group_time)
 
     @property
     def gqa_pack(self):
@@ -214,6 +223,7 @@ class CostParams(eqx.Module):
                 "serial_bw_gbs": f(self.serial_bw[op] * 1e-9),
                 "item_time_ns": f(self.item_time[op] * 1e9),
                 "split_time_us": f(self.split_time[op] * 1e6),
+                "group_time_us": f(self.group_time[op] * 1e6),
                 "gqa_pack": f(self.gqa_pack[op]),
             } for op in Op},
             "comms": {c.name.lower(): {
@@ -251,6 +261,7 @@ class CostParams(eqx.Module):
                 serial_bw=[ops[o.name.lower()].get("serial_bw_gbs", SERIAL_BW_OFF * 1e-9) * 1e9 for o in Op],
                 item_time=[ops[o.name.lower()].get("item_time_ns", ITEM_TIME_OFF * 1e9) * 1e-9 for o in Op],
                 split_time=[ops[o.name.lower()].get("split_time_us", SPLIT_TIME_OFF * 1e6) * 1e-6 for o in Op],
+                group_time=[ops[o.name.lower()].get("group_time_us", SPLIT_TIME_OFF * 1e6) * 1e-6 for o in Op],
                 gqa_pack=[ops[o.name.lower()].get("gqa_pack", GQA_PACK_FULL) for o in Op],
                 comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
                 comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
@@ -281,7 +292,8 @@ PAIR_WIDTH_OFF = 1e-6
 SERIAL_BW_OFF = 1e18
 #: fixed time per work item (s) that switches that term off (files written before it existed)
 ITEM_TIME_OFF = 1e-30
-#: time of a decode call's second kernel (s) that switches that term off (files written before it)
+#: time of a decode call's second kernel, and of the GQA regrouped path (s), that switches those
+#: terms off (files written before them)
 SPLIT_TIME_OFF = 1e-30
 #: GQA packing exponent of full packing (files written before it existed; the clip of make_params
 #: keeps it at 1 - 1e-4)
@@ -292,7 +304,7 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
                 comm_latency_scale, cpu_iter_s, cpu_per_seq_s, cpu_per_token_s,
                 step_noise_sigma=0.0, comm_s_half=None, comm_beta=None, comm_group_exp=None,
                 comm_overhead_s=None, pair_width=None, serial_bw=None, item_time=None,
-                split_time=None, gqa_pack=None) -> CostParams:
+                split_time=None, gqa_pack=None, group_time=None) -> CostParams:
     """Build CostParams from physical values (collective terms and the attention pair width left
     out are switched off, see COMM_OFF, PAIR_WIDTH_OFF, SERIAL_BW_OFF, ITEM_TIME_OFF and
     SPLIT_TIME_OFF; the GQA packing is full, GQA_PACK_FULL)."""
@@ -312,6 +324,8 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
                                                      else item_time, dtype=np.float64), 1e-30))),
         log_split_time=a(np.log(np.maximum(np.asarray([SPLIT_TIME_OFF] * NUM_OPS if split_time is None
                                                       else split_time, dtype=np.float64), 1e-30))),
+        log_group_time=a(np.log(np.maximum(np.asarray([SPLIT_TIME_OFF] * NUM_OPS if group_time is None
+                                                      else group_time, dtype=np.float64), 1e-30))),
         # clipped nearer to 1 than the efficiencies: full packing evaluates to exactly 1 in float32
         gqa_pack_logit=a(_logit64(np.clip(np.asarray([GQA_PACK_FULL] * NUM_OPS if gqa_pack is None else gqa_pack,
                                                      dtype=np.float64), 1e-6, 1 - 1e-9))),
