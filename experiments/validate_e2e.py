@@ -573,16 +573,16 @@ NOTES = """### Reading these numbers
 
 * **Targets.** vLLM batch latency reaches 13.3% MAPE on held-out configurations after fitting (10.6% on all
   rows): the 15% target is met. Splitwise TTFT and TBT stay above the 10% target on the held-out TP 4
-  rows (16.7% and 13.2% after fitting, from 24.5% and 37.3%).
-* **After this round's FlashAttention-2 launch terms** (a second decode-attention kernel per layer for
-  GQA calls that regroup heads or split the context, fitted 6.0 us on A100 and ~0.2 us on H100/H200;
-  the unsplit MHA floor without the KV tile floor; a GQA packing exponent for prefill; see REPORT.md),
-  held-out MAPE after fitting: vLLM latency 13.6% -> 13.3%, TensorRT-LLM 7.9% -> 7.5%, Splitwise
-  TTFT 16.8% -> 16.7%, TBT 13.2% and e2e 9.9% unchanged. The largest moves (all rows) are A100-40GB's
-  MHA model, Llama-2-7B: vLLM latency 15.4% -> 12.4%, TensorRT-LLM 8.3% -> 6.6% (short contexts no
-  longer pay a KV tile in the unsplit floor); GQA models on A100 moved by -1.2 to +0.8 points (the
-  second kernel); Splitwise's Llama-2-70B decodes with 1-4 KV heads per GPU, where it is a small part
-  of TBT.
+  rows (16.7% and 13.3% after fitting, from 24.5% and 37.3%).
+* **After this round's FlashAttention-2 launch terms** (decode attention: a second kernel per layer for
+  GQA calls that regroup heads or split the context, fitted 5.4 us on A100 and ~0.2 us on H100/H200, a
+  fixed time per layer of every GQA call's regrouped path, 2.7 us on A100 and ~0.4 us on H100/H200, and
+  the unsplit MHA floor without the KV tile floor; prefill: a GQA packing exponent; see REPORT.md),
+  held-out MAPE after fitting: vLLM latency 13.6% -> 13.3%, TensorRT-LLM 7.9% -> 7.6%, Splitwise TTFT
+  16.8% -> 16.7%, TBT 13.2% -> 13.3%, e2e 9.9% unchanged. The largest moves (all rows) are A100-40GB's
+  MHA model, Llama-2-7B: vLLM latency 15.4% -> 12.1%, TensorRT-LLM 8.3% -> 6.6% (short contexts no
+  longer pay a KV tile in the unsplit floor); GQA models on A100 moved by -1.2 to +0.8 points;
+  Splitwise's Llama-2-70B decodes with 1-4 KV heads per GPU, where these terms are a small part of TBT.
 * **After the decode item term** (a fixed time per sequence, KV head and layer in decode attention; see
   REPORT.md), held-out MAPE after fitting: vLLM latency 13.6% (unchanged), TensorRT-LLM 8.2% -> 7.9%,
   Splitwise TTFT/TBT/e2e unchanged at 16.8/13.2/9.9%: Llama-2-70B at TP 2-8 decodes with 1-4 KV heads

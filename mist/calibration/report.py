@@ -23,8 +23,8 @@ TRANSFER_PAIR = ("H100-SXM", "H200-SXM")
 #: what the fits cannot do yet, and why (kept with the code that produces the numbers)
 NOTES = """### Where the targets are missed, and why
 
-All-reduce meets its target on both devices; GEMM and attention do not, though A100 decode
-attention now misses by 0.04 points (8.04%). Fitted-kind test MAPEs before
+All-reduce meets its target on both devices, and now A100 decode attention (6.0%); GEMM, prefill
+attention and H100 decode attention do not. Fitted-kind test MAPEs before
 this round's FlashAttention-2 launch-structure terms (same split, fits of 2026-11-25): H100 GEMM
 10.1%, prefill 10.8%, decode 15.7%; A100 8.9%, 15.7%, 16.3% (before the decode item term: H100
 decode 19.1%, A100 16.4%; the round before: H100 10.8/14.9/24.9%, A100 9.6/20.0/28.6%, all-reduce
@@ -56,20 +56,21 @@ decode 19.1%, A100 16.4%; the round before: H100 10.8/14.9/24.9%, A100 9.6/20.0/
   ~11-15% and Vidur ~5-7%). Tried and not kept: an efficiency ramp in output tiles (M x N) on top of
   the K floor (0.1 point), an L2-resident bandwidth for small operands (no gain), tile padding of M
   and N and a wave-quantisation term (no gain). Not revisited this round.
-* **Prefill attention (11.0% H100, 10.0% A100; H200 11.0%).** New this round (A100 15.7% -> 10.0%):
+* **Prefill attention (11.0% H100, 9.7% A100; H200 11.1%).** New this round (A100 15.7% -> 9.7%):
   (1) a fitted GQA packing exponent e (`CostParams.gqa_pack`, in
   `mist.cost.iteration.prefill_tile_pairs`): chunks of more than one token pad tile / q_per_kv^e
   query rows per head; FlashAttention-2 packs a KV group's heads only for single-token queries
   (fitted e = 0.13 on A100), FlashAttention-3 always (0.91 H100, 0.89 H200; full packing, e = 1, is
   what files written before it mean). (2) Single-token rows run the kernel's decode path: GQA calls
-  that regroup heads or split the context launch a second kernel (`decode_extra_launches`, below;
-  fitted 7.5 us on A100, 0.2 us on H100/H200); in the operator predictor only: the engine's prefill
-  call has single-token chunks only when every chunk of an iteration is one token. H100 10.8% ->
-  11.0% and H200 10.7% -> 11.0% (e fits 0.9 on their train rows; within the noise of 118 rows).
+  that regroup heads or split the context launch a second kernel, and GQA calls pay the regrouped
+  path (`decode_extra_launches`, `group_time`, below; fitted 6.2 and 1.5 us on A100, <= 0.2 us on
+  H100/H200); in the operator predictor only: the engine's prefill call has single-token chunks
+  only when every chunk of an iteration is one token. H100 10.8% -> 11.0% and H200 10.7% -> 11.1%
+  (e fits 0.9 on their train rows; within the noise of 118 rows).
   What remains on A100: the kernel's thread blocks (sequence x head x query tile) against the 108
-  SMs: on the train rows, MHA rows with 16-512 blocks come out 4-10% fast on average and those with
-  > 4096 blocks 14% slow (with few blocks resident per SM a block runs slower), and single-head long
-  prompts at batch 1-2 (1-10K tokens) 30-54% fast. A block-count ramp needs the total over the iteration's sequences,
+  SMs: on the train rows, MHA rows with up to 512 blocks come out 5-11% fast on average and those
+  with > 4096 blocks 15% slow (with few blocks resident per SM a block runs slower), and single-head
+  long prompts at batch 1-2 (1-10K tokens) 32-54% fast. A block-count ramp needs the total over the iteration's sequences,
   i.e. a change of `iteration_breakdown`'s prefill call (not made this round).
   Before this round: the query tile packs the query heads that
   share a KV head (GQA: a sequence pads tile / q_per_kv query rows per head instead of a whole tile;
@@ -79,7 +80,7 @@ decode 19.1%, A100 16.4%; the round before: H100 10.8/14.9/24.9%, A100 9.6/20.0/
   q_len <= 16: MHA rows came out 20-30% slow and GQA rows 20-30% fast; a packing exponent alone
   (an earlier round) helped the train rows but not the test rows; with the single-token second
   kernel beside it, which took the q_len = 1 rows (20-38% fast before) out of its way, it does.
-* **Decode attention (15.8% H100, 8.0% A100; H200 15.4%).** New this round (A100 16.3% -> 8.04%):
+* **Decode attention (15.9% H100, 6.0% A100; H200 15.5%).** New this round (A100 16.3% -> 6.0%):
   FlashAttention-2's launch structure. (1) A second kernel per layer (`CostParams.split_time`,
   `mist.cost.iteration.decode_extra_launches`, charged in `operators.attn_decode_time`,
   `iteration.decode_attention_time` and `iteration.decode_stretch` alike from the number of
@@ -87,13 +88,18 @@ decode 19.1%, A100 16.4%; the round before: H100 10.8/14.9/24.9%, A100 9.6/20.0/
   a KV group's query heads by a copy of the query and output once a call has >= 2 sequences and >= 2
   KV heads) or splits the context (the longest sequence spans more than one KV block, 128 keys at
   head dim 128, while fewer than 0.8 x 108 (sequence, KV head) items run): 16.3% -> 9.6%. Fitted
-  6.0 us on A100; H100 and H200 (FlashAttention-3, which packs heads natively) drive it to 0.2 us
-  (15.7% -> 15.8%, 15.3% -> 15.4%). MHA and MLA launch one kernel. (2) The unsplit (MHA) floor
-  streams the longest context without the KV tile floor (`iteration.serial_keys`): a short context's
-  block streams while the launch's fixed time runs; MHA rows of 2-128 keys take ~10.7 us, which the
-  tile floor put 30% slow: 9.6% -> 8.0%. What remains on A100: GQA calls at batch 1 that do not
-  split take ~12.5 us against MHA's 10.7 (one fixed time per call for both), and batch-2048 calls
-  of 2-8 keys with 2 KV heads come out 15-30% fast.
+  5.4 us on A100; H100 and H200 (FlashAttention-3, which packs heads natively) drive it to 0.2 us.
+  MHA and MLA launch one kernel. (2) The unsplit (MHA) floor streams the longest context without the
+  KV tile floor (`iteration.serial_keys`): a short context's block streams while the launch's fixed
+  time runs; MHA rows of 2-128 keys take ~10.7 us, which the tile floor put 30% slow: 9.6% -> 8.04%.
+  (3) A fixed time per layer of every GQA call (`CostParams.group_time`, same three places): the
+  regrouped path (a KV group's query heads as the rows of one tile, from reshaped query, output and
+  softmax statistics) takes ~12.5 us where MHA's single-row path takes 10.7 even when nothing splits;
+  fitted 2.7 us on A100 (the per-call overhead fell from 11.8 to 9.6 us), 0.4 us on H100/H200:
+  8.04% -> 6.0%. H100 15.7% -> 15.9%, H200 15.3% -> 15.5% (both terms fit ~0 there). What remains
+  on A100: one measured outlier (MHA, batch 32 x 4 keys: 41.6 us where its neighbours take ~11 us;
+  74% fast), calls of 256-2048 sequences x 2-8 keys (13-16% slow with 8 KV heads, 16-31% fast with 2)
+  and MHA calls of 8-16 sequences x 128 keys (14-15% slow).
   Before this round: a fixed time per
   (sequence, KV head, layer) work item (`CostParams.item_time`, charged as the keys one head streams
   in that time: `mist.cost.roofline.decode_item_keys`, added per sequence and layer in
