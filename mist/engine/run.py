@@ -29,26 +29,6 @@ def run_chunk(dims: EngineDims, length: int, cl: ClientTable, topo: Topology, wl
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def run_until(dims: EngineDims, length: int, cl: ClientTable, topo: Topology, wl: Workload, n_valid,
-              st: EngineState) -> EngineState:
-    """Up to `length` scan steps, stopping as soon as every request has completed: the same steps
-    as `run_chunk` without the no-op tail of the last chunk. A while loop, so not differentiable in
-    reverse mode (gradients go through `run_chunk`); for one config (a vmapped while loop would
-    select between old and new state, copying it, on every step)."""
-    dense_tab = decode_dense_table(dims, cl)
-
-    def more(c):
-        i, s = c
-        return (i < length) & (s.completed < n_valid)
-
-    def body(c):
-        i, s = c
-        return i + 1, step(dims, cl, topo, wl, n_valid, s, dense_tab)
-
-    return jax.lax.while_loop(more, body, (jnp.int32(0), st))[1]
-
-
-@partial(jax.jit, static_argnums=(0, 1))
 def run_chunk_batched(dims: EngineDims, length: int, cl: ClientTable, topo: Topology, wl: Workload, n_valid,
                       st: EngineState) -> EngineState:
     """`run_chunk` vmapped over a leading config axis of every argument."""
@@ -74,10 +54,13 @@ class RunStats:
     chunks: int
 
 
-def default_chunk(dims: EngineDims) -> int:
-    """Scan steps per compiled call. A run takes about one to three steps per request and stage;
-    vmapped runs execute every step of their last chunk (finished configs as no-ops), so chunks
-    are a fraction of the expected length."""
+def default_chunk(dims: EngineDims, batched: bool = True) -> int:
+    """Scan steps per compiled call. A run takes about one to three steps per request and stage,
+    and every step of its last chunk is executed (after the last completion as a no-op costing a
+    full step), so chunks are a fraction of the expected length: short for one config (a call
+    costs well under a millisecond), longer for vmapped batches (whose calls carry more state)."""
+    if not batched:
+        return int(min(max(dims.num_requests * dims.stages // 16, 128), 512))
     return int(min(max(dims.num_requests * dims.stages // 4, 256), 2048))
 
 
@@ -85,7 +68,7 @@ def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workl
                     chunk: int | None = None, max_steps: int | None = None, batched: bool = False,
                     progress: bool = False) -> tuple[EngineState, RunStats]:
     """Run the engine to completion. With `batched`, every argument has a leading config axis."""
-    chunk = chunk or default_chunk(dims)
+    chunk = chunk or default_chunk(dims, batched)
     n_valid = jnp.sum(wl.valid, axis=-1).astype(jnp.int32)
     key = jax.random.PRNGKey(0) if key is None else key
     if batched:
@@ -95,7 +78,7 @@ def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workl
         fn = run_chunk_batched
     else:
         st = init_state(dims, key)
-        fn = run_until
+        fn = run_chunk
     max_steps = max_steps or 64 * (dims.num_requests + 16) * dims.stages
     t0 = time.perf_counter()
     compiled = fn.lower(dims, chunk, cl, topo, wl, n_valid, st).compile(compiler_options=compiler_options())
@@ -132,4 +115,4 @@ def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workl
     return st, RunStats(compile_s=compile_s, run_s=time.perf_counter() - t0, steps=steps, chunks=chunks)
 
 
-__all__ = ["run_chunk", "run_chunk_batched", "run_until", "simulate_arrays", "SimulationStuck", "RunStats"]
+__all__ = ["run_chunk", "run_chunk_batched", "simulate_arrays", "SimulationStuck", "RunStats"]
