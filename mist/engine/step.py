@@ -399,8 +399,8 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     u = (prompt + gen - 2).astype(F64)
     first = jnp.where(dec_now, 0, jnp.where(dec1, 1, W))
     last = jnp.where(dec_now | dec1, end, -1)
-    # materialised rows: the [W, S] kernels of the stretch then read them instead of recomputing the
-    # whole slot logic per element
+    # materialised rows: the stretch's per-row kernels (breakpoints, scatters) then read them instead
+    # of each recomputing the slot logic they derive from
     u_p, first_p, last_p = _materialise(u, first, last)
     dt_stretch, n_dec_j = decode_stretch(params, replica, u_p, first_p.astype(F64), last_p.astype(F64), W,
                                          None if dense_tab is None else dense_tab[c])
