@@ -500,6 +500,46 @@ def test_prefill_gqa_packing_exponent_by_hand():
     assert close(f(prefill_tile_pairs(h, 4.0, 10.0, 4.0)), (4 + 8) * 16, rel=1e-4)
 
 
+def test_prefill_block_ramp_by_hand():
+    # a prefill-attention call of B thread blocks (128-row query tiles x query heads / q_per_kv^e x
+    # sequences) costs 1 + b / B times its compute (b = params.block_half[ATTN_PREFILL]); calls of
+    # single-token chunks only run the decode path: no ramp. Compute-bound here (memory ~free).
+    import equinox as eqx
+
+    from mist.cost.iteration import prefill_block_factor, prefill_blocks
+    from mist.cost.operators import attn_prefill_time
+
+    ph = _phys(ideal_params())
+    p0 = make_params(**ph)  # full GQA packing (e = 1), ramp off
+    p = make_params(**ph, block_half=[1e-30, 18.0, 1e-30, 1e-30, 1e-30])
+    # 4 query heads, 2 KV heads: a 300-token chunk packs 2 heads per tile: 2 x ceil(600 / 128) = 10
+    assert f(prefill_blocks(p, 300.0, 4.0, 2.0)) == 10.0
+    assert f(prefill_blocks(p, 1.0, 4.0, 2.0)) == 2.0  # single token: the KV heads
+    assert f(prefill_blocks(p, 0.0, 4.0, 2.0)) == 0.0
+    fa2 = make_params(**ph, gqa_pack=[1.0, 1e-6, 1.0, 1.0, 1.0])  # FlashAttention-2: one head a tile
+    assert close(f(prefill_blocks(fa2, 300.0, 4.0, 2.0)), 4 * 3, rel=1e-4)
+    assert close(f(prefill_block_factor(p, 18.0, True)), 2.0, rel=1e-6)
+    assert f(prefill_block_factor(p, 18.0, False)) == 1.0
+    # the operator predictor: 2 sequences of 300 tokens, B = 20: 1.9 x; single-token rows: 1 x
+    op = lambda q, b, n: f(attn_prefill_time(q, n, b, b, 4.0, 2.0, 16.0, 1e12, 1e18))  # noqa: E731
+    assert close(op(p, 300.0, 2.0) / op(p0, 300.0, 2.0), 1.9, rel=1e-3)
+    assert close(op(p, 1.0, 2.0) / op(p0, 1.0, 2.0), 1.0, rel=1e-6)
+    # the iteration cost: the blocks summed over the call's chunks (2 layers share one B)
+    rep = eqx.tree_at(lambda r: (r.mem_bw, r.peak_attn), lower_replica(DENSE, H100),
+                      (jnp.asarray(1e18, jnp.float32), jnp.asarray(1e12, jnp.float32)))
+    it = lambda q, pf: f(BD(q, rep, batch(prefill=pf))["attn_prefill"])  # noqa: E731
+    assert close(it(p, [300, 200]) / it(p0, [300, 200]), 1.0 + 18.0 / (10 + 8), rel=1e-3)
+    assert close(it(p, [300, 1]) / it(p0, [300, 1]), 1.0 + 18.0 / (10 + 2), rel=1e-3)
+    assert close(it(p, [1, 1]) / it(p0, [1, 1]), 1.0, rel=1e-6)  # single-token chunks only
+    # off (the default and files written before it existed)
+    d = p.to_dict()
+    for o in d["ops"].values():
+        del o["block_half"]
+    q = CostParams.from_dict(d)
+    assert np.allclose(np.asarray(q.block_half), 1e-30, rtol=1e-4)
+    assert close(it(q, [300, 200]), it(p0, [300, 200]), rel=1e-6)
+
+
 def test_gemm_serial_k_loop_floor_by_hand():
     # C[4, 64] = A[4, 4096] @ W[4096, 64] in bf16: one 128 x 128 output tile streams
     # 4096 x 128 x (2 + 2) bytes over its K loop; at serial_bw = 1 GB/s that floor dominates

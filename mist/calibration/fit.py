@@ -161,13 +161,14 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
     mask = eqx.tree_at(
         lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness, p.log_pair_width,
                    p.log_serial_bw, p.log_item_time, p.log_split_time, p.log_group_time, p.gqa_pack_logit,
+                   p.log_block_half,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
                    p.log_cpu_per_token, p.step_noise_sigma),
         template,
         (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
-         jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
+         jnp.asarray(om), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
          jnp.asarray(cm), z, z, z, z),
     )
     return jax.tree_util.tree_map(lambda m, t: jnp.asarray(m, t.dtype), mask, template)
@@ -186,6 +187,9 @@ GROUP_TIME_START = {"ATTN_DECODE": 1e-6, "ATTN_PREFILL": 1e-6}
 #: where a fit starts the GQA packing exponent (see CostParams.gqa_pack_logit): half way, so that
 #: the gradient of its logit does not vanish at full packing
 GQA_PACK_START = {"ATTN_PREFILL": 0.5}
+#: where a fit starts the half-efficiency thread blocks of prefill attention (see
+#: CostParams.log_block_half), off by default
+BLOCK_HALF_START = {"ATTN_PREFILL": 32.0}
 
 
 def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
@@ -215,8 +219,12 @@ def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
     for name, t in GROUP_TIME_START.items():
         if int(Op[name]) in present:
             z = z.at[int(Op[name])].set(jnp.log(jnp.float32(t)))
+    b = p.log_block_half
+    for name, n in BLOCK_HALF_START.items():
+        if int(Op[name]) in present:
+            b = b.at[int(Op[name])].set(jnp.log(jnp.float32(n)))
     return eqx.tree_at(lambda q: (q.log_serial_bw, q.log_item_time, q.log_split_time, q.log_group_time,
-                                  q.gqa_pack_logit), p, (v, w, x, z, y))
+                                  q.gqa_pack_logit, q.log_block_half), p, (v, w, x, z, y, b))
 
 
 def _as_prep(groups: dict) -> Prepared:

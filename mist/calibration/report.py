@@ -56,23 +56,29 @@ decode 19.1%, A100 16.4%; the round before: H100 10.8/14.9/24.9%, A100 9.6/20.0/
   ~11-15% and Vidur ~5-7%). Tried and not kept: an efficiency ramp in output tiles (M x N) on top of
   the K floor (0.1 point), an L2-resident bandwidth for small operands (no gain), tile padding of M
   and N and a wave-quantisation term (no gain). Not revisited this round.
-* **Prefill attention (11.0% H100, 9.7% A100; H200 11.1%).** New this round (A100 15.7% -> 9.7%):
+* **Prefill attention (10.0% H100, 8.7% A100; H200 10.1%).** New: a thread-block ramp
+  (`CostParams.block_half`, `mist.cost.iteration.prefill_blocks` / `prefill_block_factor`): a call
+  of B thread blocks (query tiles of 128 rows x query heads / q_per_kv^e x sequences, summed over
+  the call's chunks) runs its compute at B / (B + b) of the fitted efficiency, i.e. costs 1 + b / B
+  times as long: too few blocks leave SMs idle, the last wave runs partly empty, and with one or two
+  blocks per SM less latency is hidden. Fitted b = 71 blocks on A100 (108 SMs), 76 H100 and 75 H200
+  (132 SMs); calls of single-token chunks only run the decode path, which splits the context to
+  fill the machine: no ramp; off (b ~ 0) in files written before it. A100 9.7% -> 8.7%, H100 11.0%
+  -> 10.0%, H200 11.1% -> 10.1%. On A100's train rows the single-head 3-10K-token prompts at batch
+  1-2 (48-160 blocks), 32-54% fast before, now sit within ~10% (1.5K tokens: 17% fast), and MHA
+  rows binned by block count within -10%..+8% on average. Left: A100 MHA rows at 128-512 blocks
+  ~10% fast, single-head single-token rows 15-19% fast.
+  Previous round (A100 15.7% -> 9.7%):
   (1) a fitted GQA packing exponent e (`CostParams.gqa_pack`, in
   `mist.cost.iteration.prefill_tile_pairs`): chunks of more than one token pad tile / q_per_kv^e
   query rows per head; FlashAttention-2 packs a KV group's heads only for single-token queries
-  (fitted e = 0.13 on A100), FlashAttention-3 always (0.91 H100, 0.89 H200; full packing, e = 1, is
-  what files written before it mean). (2) Single-token rows run the kernel's decode path: GQA calls
-  that regroup heads or split the context launch a second kernel, and GQA calls pay the regrouped
-  path (`decode_extra_launches`, `group_time`, below; fitted 6.2 and 1.5 us on A100, <= 0.2 us on
-  H100/H200); in the operator predictor only: the engine's prefill call has single-token chunks
-  only when every chunk of an iteration is one token. H100 10.8% -> 11.0% and H200 10.7% -> 11.1%
-  (e fits 0.9 on their train rows; within the noise of 118 rows).
-  What remains on A100: the kernel's thread blocks (sequence x head x query tile) against the 108
-  SMs: on the train rows, MHA rows with up to 512 blocks come out 5-11% fast on average and those
-  with > 4096 blocks 15% slow (with few blocks resident per SM a block runs slower), and single-head
-  long prompts at batch 1-2 (1-10K tokens) 32-54% fast. A block-count ramp needs the total over the iteration's sequences,
-  i.e. a change of `iteration_breakdown`'s prefill call (not made this round).
-  Before this round: the query tile packs the query heads that
+  (fitted e = 0.07 on A100 now, 0.13 before the block ramp), FlashAttention-3 always (0.97 H100,
+  0.97 H200; full packing, e = 1, is what files written before it mean). (2) Single-token rows run
+  the kernel's decode path: GQA calls that regroup heads or split the context launch a second
+  kernel, and GQA calls pay the regrouped path (`decode_extra_launches`, `group_time`, below; fitted
+  6.3 and 3.5 us on A100, <= 0.3 us on H100/H200); in the operator predictor only: the engine's
+  prefill call has single-token chunks only when every chunk of an iteration is one token.
+  Rounds before: the query tile packs the query heads that
   share a KV head (GQA: a sequence pads tile / q_per_kv query rows per head instead of a whole tile;
   `Replica.q_per_kv`), and a per-pair cost that does not scale with the head width (softmax,
   masking; fitted `pair_width` ~94 head-dims on H100 and H200), which removed FlashAttention-3's head-dim 64

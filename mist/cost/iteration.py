@@ -85,6 +85,31 @@ def prefill_tile_pairs(params: CostParams, q, pairs, q_per_kv=1.0):
     return jnp.where(q > 0, (q + tile / pack) * jnp.maximum(pairs / qs, tile), 0.0)
 
 
+#: query rows of one prefill-attention thread block (FlashAttention-2 and -3 at head dim <= 128)
+PREFILL_BLOCK_M = 128.0
+
+
+def prefill_blocks(params: CostParams, q, heads, q_per_kv=1.0):
+    """Thread blocks of a prefill-attention call that one sequence adding q tokens launches per
+    layer: its query tiles of PREFILL_BLOCK_M rows times its query heads, a tile holding the
+    q_per_kv^e query heads of one KV head (q_per_kv for single-token queries; the packing of
+    prefill_tile_pairs). Elementwise; summed over a call's sequences it is the B of the block ramp
+    (see prefill_block_factor)."""
+    pack = jnp.where(q > 1.0, jnp.power(q_per_kv, params.gqa_pack[Op.ATTN_PREFILL]), q_per_kv)
+    return jnp.where(q > 0, (heads / pack) * jnp.ceil(q * pack / PREFILL_BLOCK_M), 0.0)
+
+
+def prefill_block_factor(params: CostParams, blocks, multi):
+    """Multiplier on a prefill-attention call's compute work for `blocks` thread blocks in all
+    (prefill_blocks summed over its sequences): 1 + b / B, the kernel reaching B / (B + b) of its
+    compute efficiency (b = params.block_half[ATTN_PREFILL]: too few blocks leave SMs idle or run
+    one block per SM, which hides less latency). `multi`: the call has a chunk of more than one
+    token; calls of single-token chunks only run the kernel's decode path (which splits the
+    context to fill the machine): factor 1."""
+    ramp = 1.0 + params.block_half[Op.ATTN_PREFILL] / jnp.maximum(blocks, 1.0)
+    return jnp.where(multi, ramp, 1.0)
+
+
 #: FlashAttention-2 splits a decode call's context only while its (sequence, KV head) work items
 #: fill fewer than 0.8 x the SMs (108 on A100); with more it runs one kernel
 SPLIT_MAX_ITEMS = 86.4
@@ -356,10 +381,14 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
                     + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
     kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
     # per pair: the dot products plus the work that does not scale with the head width (softmax)
-    n_pre_tok, n_pf, n_pf_last, pf_flops_eff, pf_bytes = sum_rows(
+    n_pre_tok, n_pf, n_pf_last, pf_flops_eff, pf_bytes, pf_blocks = sum_rows(
         q, pm, pm * batch.prefill_last.astype(jnp.float32),
         2.0 * (width + rep.heads * params.pair_width[Op.ATTN_PREFILL]) * pf_pairs_eff,
-        kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer))
+        kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer),
+        prefill_blocks(params, q, rep.heads, rep.q_per_kv))
+    # the call's thread blocks against the machine (see prefill_block_factor); every masked chunk
+    # has q >= 1, so the call has a multi-token chunk iff its tokens outnumber its chunks
+    pf_flops_eff = pf_flops_eff * prefill_block_factor(params, pf_blocks, n_pre_tok > n_pf)
     n_dec = jnp.sum(dm)
     n_seq = n_pf + n_dec
     T = n_pre_tok + n_dec  # tokens through the linear layers

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .iteration import _windowed_pairs, decode_extra_launches, decode_tile_keys, prefill_tile_pairs
+from .iteration import (_windowed_pairs, decode_extra_launches, decode_tile_keys, prefill_block_factor,
+                        prefill_blocks, prefill_tile_pairs)
 from .params import Comm, CostParams, Op
 from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time
 
@@ -29,6 +30,9 @@ def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads,
     _, pairs = _windowed_pairs(q_len, c, causal, window)
     width = heads * (2.0 * head_dim + params.pair_width[Op.ATTN_PREFILL])  # see iteration_breakdown
     flops_eff = batch * 2.0 * width * prefill_tile_pairs(params, q_len, pairs, heads / kv_heads)
+    # the call's thread blocks against the machine (see iteration.prefill_block_factor)
+    flops_eff = flops_eff * prefill_block_factor(params, batch * prefill_blocks(params, q_len, heads, heads / kv_heads),
+                                                 q_len > 1.0)
     kv_tok = 2.0 * kv_heads * head_dim * kv_bytes
     bytes_ = batch * (kv_len * kv_tok + q_len * (2.0 * heads * head_dim * a_bytes + kv_tok))
     # single-token queries run the decode path of the kernel (FlashAttention-2 regroups GQA heads

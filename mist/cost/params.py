@@ -85,6 +85,12 @@ class CostParams(eqx.Module):
         query heads of one KV head (1: all of them, FlashAttention-3; ~0: one, FlashAttention-2,
         which packs the group only for single-token queries; see
         mist.cost.iteration.prefill_tile_pairs)
+      log_block_half: prefill attention only: log of the thread blocks b at which the kernel reaches
+        half its compute efficiency: a call of B blocks (query tiles x query heads x sequences, see
+        mist.cost.iteration.prefill_blocks) runs its compute at B / (B + b) of the fitted efficiency,
+        i.e. costs (1 + b / B) times as long (too few blocks leave SMs idle, the last wave runs
+        partly empty, few blocks per SM hide less latency); fitted per device, ~0 (off) where the
+        kernels fill the machine otherwise
       log_pair_width: prefill attention only: log of the work per query-key pair and head that does not
         scale with the head width (softmax, masking, rescaling), in head-width units: a pair costs
         2 (d_qk + d_v + pair_width) FLOPs at the kernel's efficiency instead of 2 (d_qk + d_v)
@@ -116,6 +122,7 @@ class CostParams(eqx.Module):
     log_split_time: Float[Array, "ops"]
     log_group_time: Float[Array, "ops"]
     gqa_pack_logit: Float[Array, "ops"]
+    log_block_half: Float[Array, "ops"]
     comm_bw_logit: Float[Array, "comms"]
     log_comm_latency_scale: Float[Array, "comms"]
     log_comm_s_half: Float[Array, "comms"]
@@ -173,6 +180,10 @@ class CostParams(eqx.Module):
         return jax_sigmoid(self.gqa_pack_logit)
 
     @property
+    def block_half(self):
+        return jnp.exp(self.log_block_half)
+
+    @property
     def comm_bw_eff(self):
         return jax_sigmoid(self.comm_bw_logit)
 
@@ -225,6 +236,7 @@ class CostParams(eqx.Module):
                 "split_time_us": f(self.split_time[op] * 1e6),
                 "group_time_us": f(self.group_time[op] * 1e6),
                 "gqa_pack": f(self.gqa_pack[op]),
+                "block_half": f(self.block_half[op]),
             } for op in Op},
             "comms": {c.name.lower(): {
                 "bw_eff": f(self.comm_bw_eff[c]),
@@ -263,6 +275,7 @@ class CostParams(eqx.Module):
                 split_time=[ops[o.name.lower()].get("split_time_us", SPLIT_TIME_OFF * 1e6) * 1e-6 for o in Op],
                 group_time=[ops[o.name.lower()].get("group_time_us", SPLIT_TIME_OFF * 1e6) * 1e-6 for o in Op],
                 gqa_pack=[ops[o.name.lower()].get("gqa_pack", GQA_PACK_FULL) for o in Op],
+                block_half=[ops[o.name.lower()].get("block_half", BLOCK_HALF_OFF) for o in Op],
                 comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
                 comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
                 comm_s_half=cget("s_half_bytes", COMM_OFF["s_half"]),
@@ -298,16 +311,19 @@ SPLIT_TIME_OFF = 1e-30
 #: GQA packing exponent of full packing (files written before it existed; the clip of make_params
 #: keeps it at 1 - 1e-4)
 GQA_PACK_FULL = 1.0
+#: half-efficiency thread blocks of prefill attention that switch the block ramp off (files
+#: written before it existed)
+BLOCK_HALF_OFF = 1e-30
 
 
 def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
                 comm_latency_scale, cpu_iter_s, cpu_per_seq_s, cpu_per_token_s,
                 step_noise_sigma=0.0, comm_s_half=None, comm_beta=None, comm_group_exp=None,
                 comm_overhead_s=None, pair_width=None, serial_bw=None, item_time=None,
-                split_time=None, gqa_pack=None, group_time=None) -> CostParams:
+                split_time=None, gqa_pack=None, group_time=None, block_half=None) -> CostParams:
     """Build CostParams from physical values (collective terms and the attention pair width left
     out are switched off, see COMM_OFF, PAIR_WIDTH_OFF, SERIAL_BW_OFF, ITEM_TIME_OFF and
-    SPLIT_TIME_OFF; the GQA packing is full, GQA_PACK_FULL)."""
+    SPLIT_TIME_OFF; the GQA packing is full, GQA_PACK_FULL; the block ramp off, BLOCK_HALF_OFF)."""
     full = lambda v, k: [COMM_OFF[k]] * NUM_COMMS if v is None else v  # noqa: E731
     a = lambda x: jnp.asarray(np.asarray(x, dtype=np.float32))  # noqa: E731
     clip = lambda p: np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)  # noqa: E731
@@ -329,6 +345,8 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
         # clipped nearer to 1 than the efficiencies: full packing evaluates to exactly 1 in float32
         gqa_pack_logit=a(_logit64(np.clip(np.asarray([GQA_PACK_FULL] * NUM_OPS if gqa_pack is None else gqa_pack,
                                                      dtype=np.float64), 1e-6, 1 - 1e-9))),
+        log_block_half=a(np.log(np.maximum(np.asarray([BLOCK_HALF_OFF] * NUM_OPS if block_half is None
+                                                      else block_half, dtype=np.float64), 1e-30))),
         comm_bw_logit=a(_logit(clip(comm_bw_eff))),
         log_comm_latency_scale=a(np.log(pos(comm_latency_scale))),
         log_comm_s_half=a(np.log(pos(full(comm_s_half, "s_half")))),
