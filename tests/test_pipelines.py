@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -49,8 +50,12 @@ def q(dt):
 
 
 def client_cost(lo, c, batch):
+    """Client c's iteration time, in float64 as the engine evaluates it (SEMANTICS.md 5): in float32
+    the rounding to whole nanoseconds can come out 1 ns apart."""
+    f64 = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
     take = lambda tree: jax.tree.map(lambda x: x[c], tree)  # noqa: E731
-    return float(iteration_time(take(lo.clients.params), take(lo.clients.replica), batch))
+    return float(iteration_time(f64(take(lo.clients.params)), f64(take(lo.clients.replica)), f64(batch)))
 
 
 # ------------------------------------------------------------------------------ hand-computed sums
