@@ -199,32 +199,20 @@ def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
     from ..cost.params import Op
 
     present = op_classes_present(prep)[0] if prep is not None else set(range(NUM_OPS))
-    v = p.log_serial_bw
-    for name, bw in SERIAL_BW_START.items():
-        if int(Op[name]) in present:
-            v = v.at[int(Op[name])].set(jnp.log(jnp.float32(bw)))
-    w = p.log_item_time
-    for name, t in ITEM_TIME_START.items():
-        if int(Op[name]) in present:
-            w = w.at[int(Op[name])].set(jnp.log(jnp.float32(t)))
-    x = p.log_split_time
-    for name, t in SPLIT_TIME_START.items():
-        if int(Op[name]) in present:
-            x = x.at[int(Op[name])].set(jnp.log(jnp.float32(t)))
-    y = p.gqa_pack_logit
-    for name, e in GQA_PACK_START.items():
-        if int(Op[name]) in present:
-            y = y.at[int(Op[name])].set(jnp.log(jnp.float32(e)) - jnp.log1p(-jnp.float32(e)))
-    z = p.log_group_time
-    for name, t in GROUP_TIME_START.items():
-        if int(Op[name]) in present:
-            z = z.at[int(Op[name])].set(jnp.log(jnp.float32(t)))
-    b = p.log_block_half
-    for name, n in BLOCK_HALF_START.items():
-        if int(Op[name]) in present:
-            b = b.at[int(Op[name])].set(jnp.log(jnp.float32(n)))
-    return eqx.tree_at(lambda q: (q.log_serial_bw, q.log_item_time, q.log_split_time, q.log_group_time,
-                                  q.gqa_pack_logit, q.log_block_half), p, (v, w, x, z, y, b))
+    log = lambda x: jnp.log(jnp.float32(x))  # noqa: E731
+    logit = lambda e: jnp.log(jnp.float32(e)) - jnp.log1p(-jnp.float32(e))  # noqa: E731
+    # (field, start per operator class, how the field stores the value)
+    starts = (("log_serial_bw", SERIAL_BW_START, log), ("log_item_time", ITEM_TIME_START, log),
+              ("log_split_time", SPLIT_TIME_START, log), ("log_group_time", GROUP_TIME_START, log),
+              ("gqa_pack_logit", GQA_PACK_START, logit), ("log_block_half", BLOCK_HALF_START, log))
+    values = []
+    for field, start, stored in starts:
+        v = getattr(p, field)
+        for name, x in start.items():
+            if int(Op[name]) in present:
+                v = v.at[int(Op[name])].set(stored(x))
+        values.append(v)
+    return eqx.tree_at(lambda q: tuple(getattr(q, f) for f, _, _ in starts), p, tuple(values))
 
 
 def _as_prep(groups: dict) -> Prepared:
