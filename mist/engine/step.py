@@ -28,15 +28,10 @@ def _excl_cumsum(x):
     return jnp.cumsum(x) - x
 
 
-def _prefix_true(x):
-    """x[0] & ... & x[i] for every i (a cumulative product of booleans), as a compare against the first
-    False: one reduction instead of a scan (a cumulative sum costs several kernels on XLA CPU)."""
-    return _prefix_count(x)[0]
-
-
 def _prefix_count(x):
-    """(`_prefix_true(x)`, its number of True entries) for a 1-D x: the count is the position of the
-    first False, which the same reduction gives (a separate sum would be two or three kernels)."""
+    """(x[0] & ... & x[i] for every i, its number of True entries) for a 1-D x: a cumulative product
+    of booleans as a compare against the first False, whose position is also the count. One
+    reduction instead of a scan and a sum (each several kernels on XLA CPU)."""
     i = jnp.arange(x.shape[-1], dtype=I32)
     n = jnp.min(jnp.where(x, x.shape[-1], i), axis=-1)
     return i < n, n
