@@ -156,15 +156,43 @@ def sum_rows(*xs):
 def decode_attention_time(params: CostParams, rep: Replica, decode_context, dm):
     """Paged decode attention over every decoding sequence (dm: 0/1 mask); the trailing axis of
     `decode_context` is the batch, leading axes (if any) are evaluated independently."""
+    return decode_attention_from_aggregates(params, rep, *decode_aggregates(params, rep, decode_context + 1.0, dm > 0))
+
+
+def decode_aggregates(params: CostParams, rep: Replica, att, on):
+    """What decode attention needs of a batch of decoding rows attending to `att` keys (rows where
+    `on`; trailing axis): (rows, rows below one KV tile, their keys summed over the rows between the
+    tile and the sliding window, rows above the window, keys summed over those, the longest row's
+    keys). Integer-valued sums, exact in float64 whatever the row order (see `decode_stretch`)."""
+    tile = params.m_half[Op.ATTN_DECODE]
+    win = jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)
+    low = on & (att < tile)
+    high = on & (att > win)
+    mid = on & ~low & ~high
+    n, c_low, keys_mid, c_high, keys_high = sum_rows(on.astype(att.dtype), low.astype(att.dtype),
+                                                     jnp.where(mid, att, 0.0), high.astype(att.dtype),
+                                                     jnp.where(high, att, 0.0))
+    longest = jnp.max(jnp.where(on, att, -_BIG), axis=-1)
+    return n, c_low, keys_mid, c_high, keys_high, longest
+
+
+def decode_attention_from_aggregates(params: CostParams, rep: Replica, n, c_low, keys_mid, c_high, keys_high,
+                                     longest):
+    """Seconds of one decode-attention call from `decode_aggregates` (elementwise: any shape). Every
+    sequence reads at least one KV tile per layer (`decode_tile_keys`), sliding-window layers at most
+    the window, plus per layer the keys that stand for the fixed work of each KV head
+    (`roofline.decode_item_keys`); the longest sequence floors an unsplit (MHA) kernel through its
+    serial keys; GQA calls add their second kernels (`decode_split_time`)."""
     L = rep.num_layers
-    att = decode_context + 1.0
-    keys = layer_keys(params, rep, att) * dm
+    tile = params.m_half[Op.ATTN_DECODE]
+    win = jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)
+    item = decode_item_keys(params, rep.kv_bytes * (rep.d_qk_decode + rep.d_v_decode), rep.mem_bw)
+    F = L - rep.sliding_layers
+    keys = (F * (tile * c_low + keys_mid + keys_high + item * n)
+            + rep.sliding_layers * (tile * c_low + keys_mid + win * c_high + item * n))
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
-    dc_flops, dc_bytes, n = sum_rows(2.0 * width_d * keys, keys * rep.kv_bytes_token_layer
-                                     + L * dm * width_d * rep.act_bytes, dm)
-    # MHA kernels that do not split the context: the longest sequence's thread block streams its keys
-    # alone (see Replica.kv_bytes_serial)
-    longest = jnp.max(jnp.where(dm > 0, att, -_BIG), axis=-1)
+    dc_flops = 2.0 * width_d * keys
+    dc_bytes = keys * rep.kv_bytes_token_layer + L * n * width_d * rep.act_bytes
     serial = serial_keys(params, rep, longest) * rep.kv_bytes_serial
     return (kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
                         serial_bytes=serial) + decode_split_time(params, rep, n, longest))
@@ -202,17 +230,33 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, itera
     rows are the trailing axis of 1-D arrays (vmap for more). Returns (times [J], decoding rows
     per iteration [J]).
 
-    Only attention depends on the contexts; the rest of a decode-only iteration depends on the
-    number of rows alone (`decode_dense_time`). Attention needs, per iteration, the sum of every
-    row's `layer_keys` and the longest row. A row's keys are piecewise linear in j (one KV tile
-    below the tile size, the window above it for sliding-window layers), so the sums come from
-    integer counts and sums per segment, accumulated as differences at each row's breakpoints and
-    prefix-summed over j: O(S + J) work instead of an [J, S] grid, and exact (integer-valued
-    float64), so any split of the same iterations into stretches gives the same times.
+    Only attention depends on the contexts (`stretch_aggregates`); the rest of a decode-only
+    iteration depends on the number of rows alone (`decode_dense_time`).
 
     `dense_table` (optional): `decode_dense_time` at n = 0, 1, 2, ... rows, evaluated once by a
     caller that costs many stretches of one replica (the engine: float64 powers per iteration
     would dominate its step otherwise); the same numbers, looked up instead of recomputed."""
+    agg = stretch_aggregates(params, rep, context, first, last, iterations)
+    n = agg[0]
+    attn = decode_attention_from_aggregates(params, rep, *agg)
+    return jnp.where(n > 0, decode_dense_lookup(params, rep, n, dense_table) + attn, 0.0), n
+
+
+def decode_dense_lookup(params: CostParams, rep: Replica, n, dense_table=None):
+    """`decode_dense_time(n)`, read from `dense_table` (its values at n = 0, 1, ...) when given."""
+    if dense_table is None:
+        return decode_dense_time(params, rep, n)
+    return dense_table[jnp.clip(n.astype(jnp.int32), 0, dense_table.shape[-1] - 1)]
+
+
+def stretch_aggregates(params: CostParams, rep: Replica, context, first, last, iterations: int):
+    """`decode_aggregates` of every iteration j < `iterations` of a decode stretch (see
+    `decode_stretch` for the rows), each [J]. A row's keys are piecewise linear in j (one KV tile
+    below the tile size, the window above it for sliding-window layers), so the sums come from
+    integer counts and sums per segment, accumulated as differences at each row's breakpoints and
+    prefix-summed over j: O(S + J) work instead of an [J, S] grid, and exact (integer-valued
+    float64), so any split of the same iterations into stretches gives the same aggregates as
+    `decode_aggregates` of each iteration's rows."""
     J = iterations
     dt = context.dtype
     tile = params.m_half[Op.ATTN_DECODE]
@@ -242,30 +286,14 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, itera
     j = jnp.arange(J, dtype=dt)
     keys_mid = s_mid + j * c_mid  # sum of u1 + j over the rows between tile and window
     keys_high = s_high + j * c_high
-    item = decode_item_keys(params, rep.kv_bytes * (rep.d_qk_decode + rep.d_v_decode), rep.mem_bw)
-    F = rep.num_layers - rep.sliding_layers
-    keys = (F * (tile * c_low + keys_mid + keys_high + item * n)
-            + rep.sliding_layers * (tile * c_low + keys_mid + win * c_high + item * n))
-    L = rep.num_layers
-    width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
-    dc_flops = 2.0 * width_d * keys
-    dc_bytes = keys * rep.kv_bytes_token_layer + L * n * width_d * rep.act_bytes
-    # MHA kernels that do not split the context: the longest sequence's keys (see decode_attention_time).
-    # Rows decoding in iteration j >= 1 are those with first <= 1 and last >= j: a maximum by `last`,
-    # taken over every later `last`; iteration 0 has only the rows with first = 0.
+    # the longest row: rows decoding in iteration j >= 1 are those with first <= 1 and last >= j, a
+    # maximum by `last` taken over every later `last`; iteration 0 has only the rows with first = 0
     lpos = jnp.clip(last, 0, J - 1).astype(jnp.int32)
     by_last = jnp.full((J,), -_BIG, dt).at[lpos].max(jnp.where(on & (first <= 1.0), u1, -_BIG))
     later = _suffix_max(by_last)
     at0 = jnp.max(jnp.where(on & (first <= 0.0), u1, -_BIG))
     longest = jnp.where(j == 0, at0, later) + j
-    serial = serial_keys(params, rep, longest) * rep.kv_bytes_serial
-    attn = kernel_time(params, Op.ATTN_DECODE, dc_flops, dc_bytes, rep.peak_attn, rep.mem_bw, _BIG, L,
-                       serial_bytes=serial) + decode_split_time(params, rep, n, longest)
-    if dense_table is None:
-        const = decode_dense_time(params, rep, n)
-    else:
-        const = dense_table[jnp.clip(n.astype(jnp.int32), 0, dense_table.shape[-1] - 1)]
-    return jnp.where(n > 0, const + attn, 0.0), n
+    return n, c_low, keys_mid, c_high, keys_high, longest
 
 
 def _prefix_sum(x):
@@ -301,6 +329,13 @@ def dense_parts(params: CostParams, rep: Replica, T, n_sample, n_seq) -> dict[st
     mixture of experts, elementwise kernels, collectives and the CPU side, for T tokens through
     the linear layers, n_sample rows that sample a token and n_seq sequences. Elementwise in the
     three counts (any common shape)."""
+    return dense_combine(params, dense_token_pieces(params, rep, T), dense_sample_pieces(params, rep, n_sample),
+                         T, n_seq)
+
+
+def dense_token_pieces(params: CostParams, rep: Replica, T) -> dict[str, Float[Array, "..."]]:
+    """The parts of `dense_parts` that depend only on the T tokens through the linear layers (a
+    table over T can stand for them: see `dense_combine`)."""
     ab = rep.act_bytes
     L = rep.num_layers
     h = rep.hidden
@@ -313,13 +348,6 @@ def dense_parts(params: CostParams, rep: Replica, T, n_sample, n_seq) -> dict[st
     t_gemm = jnp.sum(jnp.where(g_on, kernel_time(params, Op.GEMM, g_flops, g_bytes, rep.peak_gemm, rep.mem_bw,
                                                    Tg, rep.gemm_layers, serial_bytes=rep.gemm_layers
                                                    * gemm_serial_bytes(rep.gemm_k, rep.w_bytes, ab)), 0.0), axis=-1)
-
-    # ---- LM head (only rows that sample a token)
-    lm_flops = 2.0 * n_sample * h * rep.vocab_local * rep.has_lm_head
-    lm_bytes = jnp.where(n_sample > 0, (h * rep.vocab_local * rep.w_bytes
-                                        + n_sample * (h + rep.vocab_local) * ab) * rep.has_lm_head, 0.0)
-    t_lm = kernel_time(params, Op.GEMM, lm_flops, lm_bytes, rep.peak_gemm, rep.mem_bw, n_sample, 1.0,
-                       serial_bytes=gemm_serial_bytes(h, rep.w_bytes, ab))
 
     # ---- mixture of experts (grouped GEMMs over the experts that received tokens)
     assign = T * rep.top_k
@@ -341,70 +369,97 @@ def dense_parts(params: CostParams, rep: Replica, T, n_sample, n_seq) -> dict[st
     t_ew = jnp.where(T > 0, kernel_time(params, Op.ELEMENTWISE, ew_flops, ew_bytes, rep.peak_attn, rep.mem_bw,
                                         _BIG, L * ELEMENTWISE_KERNELS_PER_LAYER + 1.0), 0.0)
 
-    # ---- collectives
-    tp_bw = jnp.where(rep.tp <= rep.up_domain, rep.up_bw, rep.out_bw)
-    tp_lat = jnp.where(rep.tp <= rep.up_domain, rep.up_lat, rep.out_lat)
-    ar = collective_time(params, Comm.ALLREDUCE, T * h * ab, rep.tp, tp_bw, tp_lat)
-    t_comm = 2.0 * L * ar
-    # logits gathered from the vocabulary shards: S is the whole gathered buffer (full vocabulary)
-    t_comm += collective_time(params, Comm.ALLGATHER, n_sample * rep.vocab_local * rep.tp * 4.0 * rep.has_lm_head,
-                              rep.tp, tp_bw, tp_lat)
+    # ---- collectives over the tokens
+    tp_bw, tp_lat = _tp_link(rep)
+    ar = 2.0 * L * collective_time(params, Comm.ALLREDUCE, T * h * ab, rep.tp, tp_bw, tp_lat)
     a2a = collective_time(params, Comm.ALLTOALL, (T * rep.top_k / rep.ep) * h * ab, rep.ep, tp_bw, tp_lat)
-    t_comm += 2.0 * rep.moe_layers * a2a
     span = rep.tp * rep.pp
     pp_bw = jnp.where(span <= rep.up_domain, rep.up_bw, rep.out_bw)
     pp_lat = jnp.where(span <= rep.up_domain, rep.up_lat, rep.out_lat)
-    t_comm += (rep.pp - 1.0) * collective_time(params, Comm.SEND_RECV, T * h * ab, 2.0, pp_bw, pp_lat)
-    t_comm = jnp.where(T > 0, t_comm, 0.0)
+    sr = (rep.pp - 1.0) * collective_time(params, Comm.SEND_RECV, T * h * ab, 2.0, pp_bw, pp_lat)
+    return {"gemm": t_gemm, "moe": t_moe, "elementwise": t_ew, "allreduce": ar, "alltoall": 2.0 * rep.moe_layers * a2a,
+            "sendrecv": sr}
 
-    # ---- CPU side of the serving engine (scheduling, input preparation, sampling)
+
+def _tp_link(rep: Replica):
+    """Bandwidth and latency of the tensor-parallel group's link (scale-up domain or scale-out)."""
+    inside = rep.tp <= rep.up_domain
+    return jnp.where(inside, rep.up_bw, rep.out_bw), jnp.where(inside, rep.up_lat, rep.out_lat)
+
+
+def dense_sample_pieces(params: CostParams, rep: Replica, n_sample) -> dict[str, Float[Array, "..."]]:
+    """The parts of `dense_parts` that depend only on the n_sample rows that sample a token: the LM
+    head and the gather of the logits from the vocabulary shards."""
+    ab = rep.act_bytes
+    h = rep.hidden
+    lm_flops = 2.0 * n_sample * h * rep.vocab_local * rep.has_lm_head
+    lm_bytes = jnp.where(n_sample > 0, (h * rep.vocab_local * rep.w_bytes
+                                        + n_sample * (h + rep.vocab_local) * ab) * rep.has_lm_head, 0.0)
+    t_lm = kernel_time(params, Op.GEMM, lm_flops, lm_bytes, rep.peak_gemm, rep.mem_bw, n_sample, 1.0,
+                       serial_bytes=gemm_serial_bytes(h, rep.w_bytes, ab))
+    tp_bw, tp_lat = _tp_link(rep)
+    # S is the whole gathered buffer (full vocabulary)
+    ag = collective_time(params, Comm.ALLGATHER, n_sample * rep.vocab_local * rep.tp * 4.0 * rep.has_lm_head,
+                         rep.tp, tp_bw, tp_lat)
+    return {"lm_head": t_lm, "allgather": ag}
+
+
+def dense_combine(params: CostParams, tok: dict, smp: dict, T, n_seq) -> dict[str, Float[Array, "..."]]:
+    """`dense_parts` from its token and sample pieces (which may come from tables) and the CPU side
+    of the serving engine (scheduling, input preparation, sampling), in one fixed order of sums."""
+    t_comm = tok["allreduce"] + smp["allgather"]
+    t_comm += tok["alltoall"]
+    t_comm += tok["sendrecv"]
+    t_comm = jnp.where(T > 0, t_comm, 0.0)
     t_cpu = jnp.where(T > 0, params.cpu_iter + params.cpu_per_seq * n_seq + params.cpu_per_token * T, 0.0)
-    return {"gemm": t_gemm, "moe": t_moe, "elementwise": t_ew, "lm_head": t_lm, "comm": t_comm, "cpu": t_cpu}
+    return {"gemm": tok["gemm"], "moe": tok["moe"], "elementwise": tok["elementwise"], "lm_head": smp["lm_head"],
+            "comm": t_comm, "cpu": t_cpu}
 
 
 def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> dict[str, Float[Array, ""]]:
     """Seconds spent per operator class in one iteration (keys: gemm, attn_prefill, attn_decode,
     moe, elementwise, lm_head, comm, cpu)."""
-    pm = batch.prefill_mask.astype(jnp.float32)
     dm = batch.decode_mask.astype(jnp.float32)
-    q = batch.prefill_tokens * pm
-    c = batch.prefill_context * pm
-    ab = rep.act_bytes
-    L = rep.num_layers
+    t_attn_p, n_pre_tok, n_pf, n_pf_last = prefill_attention(params, rep, batch.prefill_tokens,
+                                                             batch.prefill_context, batch.prefill_last,
+                                                             batch.prefill_mask)
+    n_dec = jnp.sum(dm)
+    n_seq = n_pf + n_dec
+    T = n_pre_tok + n_dec  # tokens through the linear layers
+    n_sample = n_pf_last + n_dec
+    # ---- decode attention (paged, memory bound)
+    t_attn_d = decode_attention_time(params, rep, batch.decode_context, dm)
+    d = dense_parts(params, rep, T, n_sample, n_seq)
+    return {"gemm": d["gemm"], "attn_prefill": t_attn_p, "attn_decode": t_attn_d, "moe": d["moe"],
+            "elementwise": d["elementwise"], "lm_head": d["lm_head"], "comm": d["comm"], "cpu": d["cpu"]}
 
-    # ---- prefill attention, per sequence (per-sequence efficiency: short chunks use the machine less)
+
+def prefill_attention(params: CostParams, rep: Replica, tokens, context, last, mask):
+    """One prefill-attention call over the chunks of a batch (trailing axis; leading axes are
+    evaluated independently): (seconds, new tokens, chunks, chunks that finish their prompt).
+    Per sequence, tile-padded pairs (see prefill_tile_pairs); per call, the thread-block ramp."""
+    pm = mask.astype(jnp.float32)
+    q = tokens * pm
+    c = context * pm
+    L = rep.num_layers
     full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)
     full_layers = L - rep.sliding_layers
     width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
-    # per sequence and layer kind: tile-padded pairs (see prefill_tile_pairs)
     pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs, rep.q_per_kv)
                     + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
     kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
     # per pair: the dot products plus the work that does not scale with the head width (softmax)
     n_pre_tok, n_pf, n_pf_last, pf_flops_eff, pf_bytes, pf_blocks = sum_rows(
-        q, pm, pm * batch.prefill_last.astype(jnp.float32),
+        q, pm, pm * last.astype(jnp.float32),
         2.0 * (width + rep.heads * params.pair_width[Op.ATTN_PREFILL]) * pf_pairs_eff,
-        kv_read * rep.kv_bytes_token_layer + L * q * (width * ab + rep.kv_bytes_token_layer),
+        kv_read * rep.kv_bytes_token_layer + L * q * (width * rep.act_bytes + rep.kv_bytes_token_layer),
         prefill_blocks(params, q, rep.heads, rep.q_per_kv))
     # the call's thread blocks against the machine (see prefill_block_factor); every masked chunk
     # has q >= 1, so the call has a multi-token chunk iff its tokens outnumber its chunks
     pf_flops_eff = pf_flops_eff * prefill_block_factor(params, pf_blocks, n_pre_tok > n_pf)
-    n_dec = jnp.sum(dm)
-    n_seq = n_pf + n_dec
-    T = n_pre_tok + n_dec  # tokens through the linear layers
-    n_sample = n_pf_last + n_dec
-
-    # ---- prefill attention
-    any_pf = n_pre_tok > 0
-    t_attn_p = jnp.where(any_pf, kernel_time(params, Op.ATTN_PREFILL, pf_flops_eff, pf_bytes, rep.peak_attn,
-                                              rep.mem_bw, _BIG, L), 0.0)
-
-    # ---- decode attention (paged, memory bound)
-    t_attn_d = decode_attention_time(params, rep, batch.decode_context, dm)
-
-    d = dense_parts(params, rep, T, n_sample, n_seq)
-    return {"gemm": d["gemm"], "attn_prefill": t_attn_p, "attn_decode": t_attn_d, "moe": d["moe"],
-            "elementwise": d["elementwise"], "lm_head": d["lm_head"], "comm": d["comm"], "cpu": d["cpu"]}
+    t = jnp.where(n_pre_tok > 0, kernel_time(params, Op.ATTN_PREFILL, pf_flops_eff, pf_bytes, rep.peak_attn,
+                                             rep.mem_bw, _BIG, L), 0.0)
+    return t, n_pre_tok, n_pf, n_pf_last
 
 
 def iteration_time(params: CostParams, rep: Replica, batch: MixedBatch) -> Float[Array, ""]:
