@@ -282,3 +282,17 @@ def test_random_workloads(seed, n, policy, max_num_seqs, rate, kv, replicas):
     assert_same_outputs(ref_outputs(ref), outputs(st, n))
     assert_invariants(lo, st, ref)
     assert_same_outputs(outputs(st, n), outputs(out["D1"][1], n), tol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["single:chunked", "tinykv:chunked"])
+def test_arrivals_admitted_inside_stretches(case):
+    """A lone chunked-prefill client admits the next arrivals inside a decode stretch (dims.absorb):
+    fewer scan steps, the same timestamps and iterations as ending every stretch at an arrival."""
+    lo, st, _ = run_case(case)
+    assert lo.dims.absorb > 0
+    lo0 = lowered(case, {**D16, "absorb": 0})
+    st0, _ = simulate_arrays(lo0.dims, lo0.clients, lo0.topology, lo0.workload)
+    n = n_valid(lo)
+    assert_same_outputs(outputs(st, n), outputs(jax.device_get(st0), n), tol=1e-12)
+    np.testing.assert_array_equal(np.asarray(st.iters), np.asarray(st0.iters))
+    assert int(st.steps) < int(st0.steps)

@@ -10,19 +10,19 @@ import jax
 import jax.numpy as jnp
 
 from .state import EngineState, init_state
-from .step import decode_dense_table, step
+from .step import cost_tables, step
 from .tables import ClientTable, EngineDims, Topology, Workload
 
 
 @partial(jax.jit, static_argnums=(0, 1))
 def run_chunk(dims: EngineDims, length: int, cl: ClientTable, topo: Topology, wl: Workload, n_valid,
-              st: EngineState) -> EngineState:
-    """`length` scan steps (steps after completion are no-ops)."""
-
-    dense_tab = decode_dense_table(dims, cl)
+              st: EngineState, tabs=None) -> EngineState:
+    """`length` scan steps (steps after completion are no-ops). `tabs`: the `cost_tables` of `cl`
+    (computed here when not given; a caller running many chunks computes them once)."""
+    tabs = cost_tables(dims, cl) if tabs is None else tabs
 
     def body(s, _):
-        return step(dims, cl, topo, wl, n_valid, s, dense_tab), None
+        return step(dims, cl, topo, wl, n_valid, s, tabs), None
 
     out, _ = jax.lax.scan(body, st, None, length=length)
     return out
@@ -30,9 +30,19 @@ def run_chunk(dims: EngineDims, length: int, cl: ClientTable, topo: Topology, wl
 
 @partial(jax.jit, static_argnums=(0, 1))
 def run_chunk_batched(dims: EngineDims, length: int, cl: ClientTable, topo: Topology, wl: Workload, n_valid,
-                      st: EngineState) -> EngineState:
+                      st: EngineState, tabs=None) -> EngineState:
     """`run_chunk` vmapped over a leading config axis of every argument."""
-    return jax.vmap(lambda c, t, w, n, s: run_chunk.__wrapped__(dims, length, c, t, w, n, s))(cl, topo, wl, n_valid, st)
+    if tabs is None:
+        return jax.vmap(lambda c, t, w, n, s: run_chunk.__wrapped__(dims, length, c, t, w, n, s))(
+            cl, topo, wl, n_valid, st)
+    return jax.vmap(lambda c, t, w, n, s, tb: run_chunk.__wrapped__(dims, length, c, t, w, n, s, tb))(
+        cl, topo, wl, n_valid, st, tabs)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def tables(dims: EngineDims, batched: bool, cl: ClientTable):
+    """`cost_tables` of one config's clients, or of every config's (`batched`)."""
+    return jax.vmap(lambda c: cost_tables(dims, c))(cl) if batched else cost_tables(dims, cl)
 
 
 def compiler_options() -> dict:
@@ -60,7 +70,7 @@ def default_chunk(dims: EngineDims, batched: bool = True) -> int:
     full step), so chunks are a fraction of the expected length: short for one config (a call
     costs well under a millisecond), longer for vmapped batches (whose calls carry more state)."""
     if not batched:
-        return int(min(max(dims.num_requests * dims.stages // 16, 128), 512))
+        return int(min(max(dims.num_requests * dims.stages // 32, 64), 256))
     return int(min(max(dims.num_requests * dims.stages // 4, 256), 2048))
 
 
@@ -81,7 +91,8 @@ def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workl
         fn = run_chunk
     max_steps = max_steps or 64 * (dims.num_requests + 16) * dims.stages
     t0 = time.perf_counter()
-    compiled = fn.lower(dims, chunk, cl, topo, wl, n_valid, st).compile(compiler_options=compiler_options())
+    tabs = tables(dims, batched, cl)
+    compiled = fn.lower(dims, chunk, cl, topo, wl, n_valid, st, tabs).compile(compiler_options=compiler_options())
     compile_s = time.perf_counter() - t0
     total = int(jnp.sum(n_valid))
     bar = None
@@ -93,7 +104,7 @@ def simulate_arrays(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workl
     chunks = 0
     prev_steps = -1
     while True:
-        st = compiled(cl, topo, wl, n_valid, st)
+        st = compiled(cl, topo, wl, n_valid, st, tabs)
         chunks += 1
         completed = jnp.sum(st.completed)
         steps = int(jnp.max(st.steps))

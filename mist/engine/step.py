@@ -12,7 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..cost.iteration import MixedBatch, decode_dense_time, decode_stretch, iteration_time, sum_rows
+from ..cost.iteration import (MixedBatch, decode_attention_from_aggregates, decode_dense_lookup, decode_dense_time,
+                              dense_combine, dense_sample_pieces, dense_token_pieces, iteration_time,
+                              prefill_attention, stretch_aggregates, sum_rows)
+from ..cost.params import Op
 from .state import EMPTY_SLOT, INF, SLOT_FIELDS, EngineState
 from .tables import ClientTable, EngineDims, Kind, Policy, Reject, Role, Router, Topology, Workload
 
@@ -223,15 +226,24 @@ def _to_f64(tree):
     return jax.tree.map(lambda x: x.astype(F64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def decode_dense_table(dims: EngineDims, cl: ClientTable):
-    """[C, S + 1]: each client's non-attention decode time for n = 0..S sequences (float64), computed
-    once per compiled chunk instead of once per stretch iteration in every step."""
+def cost_tables(dims: EngineDims, cl: ClientTable):
+    """Cost-model tables computed once per compiled chunk instead of in every step (float64): per
+    client, the non-attention decode time for n = 0..S sequences [C, S + 1], and (when arrivals can
+    be admitted inside a stretch, `dims.absorb`) the token pieces of the dense parts for 0..
+    `dims.absorb_tokens` tokens [C, T + 1] and their sample pieces for 0..S + 1 samples [C, S + 2]."""
     n = jnp.arange(dims.slots + 1, dtype=F64)
-    return jax.vmap(lambda p, r: decode_dense_time(_to_f64(p), _to_f64(r), n))(cl.params, cl.replica)
+    dec = jax.vmap(lambda p, r: decode_dense_time(_to_f64(p), _to_f64(r), n))(cl.params, cl.replica)
+    if dims.absorb == 0 or dims.stretch == 1:
+        return dec, None, None
+    tt = jnp.arange(dims.absorb_tokens + 1, dtype=F64)
+    ns = jnp.arange(dims.slots + 2, dtype=F64)
+    tok = jax.vmap(lambda p, r: dense_token_pieces(_to_f64(p), _to_f64(r), tt))(cl.params, cl.replica)
+    smp = jax.vmap(lambda p, r: dense_sample_pieces(_to_f64(p), _to_f64(r), ns))(cl.params, cl.replica)
+    return dec, tok, smp
 
 
 def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st: EngineState, c,
-                t, t_before, t_after, go=True, n_valid=None, dense_tab=None) -> EngineState:
+                t, t_before, t_after, go=True, n_valid=None, tabs=None) -> EngineState:
     """Run client `c`'s next iteration (or decode stretch) starting at time `t`.
 
     A client's running requests occupy its first slots in admission order (the state keeps them
@@ -346,8 +358,6 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     last_tok = jnp.where(new_slot, t, last_tok)
     q_head = st.q_head.at[c].set(new_head + n_admit)
     ar = jnp.where(admit, w_rid_s, N)
-    o_stage_start = st.o_stage_start.at[ar, w_stage].min(jnp.full(A, t, F64), mode="drop")
-    o_stage_client = st.o_stage_client.at[ar, w_stage].set(c, mode="drop")
     r_preempted = r_preempted.at[ar].set(False, mode="drop")
     if swap:  # swapped-in KV moves back from host memory before this iteration runs
         swap_tokens = swap_tokens + jnp.where(admit, w_swapped, 0).sum()
@@ -380,8 +390,9 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     dec1 = active & ~prefill & (gen < target) & is_llm & go
     end = jnp.where(active & ~prefill, jnp.maximum(target - gen, 0), 0)
 
-    # ---- iteration times: iteration 0 (any batch), then up to W - 1 decode-only iterations of the
-    # rows left decoding. Row i decodes in iteration j for first_i <= j <= end_i with context u_i + j.
+    # ---- iteration times: iteration 0 (any batch), then up to W - 1 iterations of the rows left
+    # decoding (plus, see `_absorb`, arrivals admitted in the stretch). Row i decodes in iteration j
+    # for first_i <= j <= end_i with context u_i + j.
     # The cost model runs in float64 here: float32 durations carry ~1 ns of rounding noise that
     # differs between the stretched and the per-iteration programs (and so flips the ns rounding).
     replica = _to_f64(_gather_client(cl.replica, c))
@@ -397,19 +408,29 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # materialised rows: the stretch's per-row kernels (breakpoints, scatters) then read them instead
     # of each recomputing the slot logic they derive from
     u_p, first_p, last_p = _materialise(u, first, last)
-    dt_stretch, n_dec_j = decode_stretch(params, replica, u_p, first_p.astype(F64), last_p.astype(F64), W,
-                                         None if dense_tab is None else dense_tab[c])
-    dts_llm = jnp.where(decode_only | (js > 0), dt_stretch, dt_general)
+    agg = stretch_aggregates(params, replica, u_p, first_p.astype(F64), last_p.astype(F64), W)
     dt_server = cl.serve_base[c] + cl.serve_per_item[c] * n_items + cl.serve_per_token[c] * n_chunk
-    dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64)
     sigma = params.step_noise_sigma
     z = _iteration_normals(st.key, c, st.iters[c] + js)
-    dts = dts * jnp.where(sigma > 0, jnp.exp(sigma * z - 0.5 * sigma * sigma), 1.0)
+    noise = jnp.where(sigma > 0, jnp.exp(sigma * z - 0.5 * sigma * sigma), 1.0)
+    swap_s = 0.0
     if swap:  # swaps happen only in iterations that preempt or admit: iteration 0
         swap_s = swap_tokens.astype(F64) * cl.kv_bytes_per_token[c] / jnp.maximum(cl.swap_bandwidth[c], 1e-30)
-        dts = dts.at[0].add(jnp.where(swap_tokens > 0, swap_s, 0.0))
-    dts = _quantise_ns(dts)
-    starts = t + _excl_cumsum(dts)
+        swap_s = jnp.where((js == 0) & (swap_tokens > 0), swap_s, 0.0)
+    dec_tab = None if tabs is None else tabs[0][c]
+
+    def times(agg, pf_cost, pf_at):
+        """Iteration durations (rounded to ns, with step noise) and decode attention, per iteration."""
+        n = agg[0]
+        attn = decode_attention_from_aggregates(params, replica, *agg)
+        dt_dec = jnp.where(n > 0, decode_dense_lookup(params, replica, n, dec_tab) + attn, 0.0)
+        dts_llm = jnp.where(pf_at, pf_cost, jnp.where(decode_only | (js > 0), dt_dec, dt_general))
+        dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64) * noise + swap_s
+        dts = _quantise_ns(dts)
+        return dts, t + _excl_cumsum(dts), attn
+
+    no_pf = jnp.zeros(W, bool)
+    dts, starts, attn = times(agg, jnp.zeros(W, F64), no_pf)
 
     # ---- how many iterations to advance. Iteration j >= 1 runs exactly as the per-iteration engine
     # would run it next: nothing can be admitted, nothing preempted, no other event comes first.
@@ -440,7 +461,17 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     blocks_j = base_blocks + n_dec1 * (js // bs) + below[js % bs]
     pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
     cont = is_llm & ~preempting & (n_pf_left == 0) & (decode_only | ~blocked)
-    ok = (cont & (js <= j_stop) & (n_dec_j > 0) & ((blocks_j <= cap) | ~is_llm)
+
+    R = dims.absorb if (W > 1 and tabs is not None and tabs[1] is not None) else 0
+    if R > 0:
+        ab = _absorb(dims, cl, topo, wl, st, c, n_valid, params, replica, tabs, agg, dts, starts, attn, blocks_j,
+                     times, can=go & cont & (pol == Policy.CHUNKED) & (qrem == 0), s_eff=s_eff)
+        agg, dts, starts, blocks_j = ab["agg"], ab["dts"], ab["starts"], ab["blocks"]
+        pf_at, t_before = ab["pf_at"], jnp.where(ab["can"], ab["a_stop"], t_before)
+    else:
+        pf_at = no_pf
+    n_dec_j = agg[0]
+    ok = (cont & (js <= j_stop) & ((n_dec_j > 0) | pf_at) & ((blocks_j <= cap) | ~is_llm)
           & (starts < t_before) & (starts <= t_after) & (starts < pending))
     ok = ok.at[0].set(True)
     k = _prefix_count(ok)[1]
@@ -464,29 +495,62 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     last_tok = jnp.where(dec_now | makes_token | (dec1 & (k >= 2)), t_row, last_tok)
     emits = topo.stage_emits[pipe, stage]
     ft_idx = jnp.where(makes_token & emits, rid, N)
-    o_first_token = st.o_first_token.at[ft_idx].min(jnp.full(S, ends[0], F64), mode="drop")
+    ft_time = jnp.full(S, ends[0], F64)
     finished = ends_stage & (gen >= target) & go
-    fr = jnp.where(finished, rid, N)
-    o_stage_end = st.o_stage_end.at[fr, stage].set(t_row, mode="drop")
+    # admissions of this step (queue window, then arrivals admitted in the stretch): stage 0.. starts
+    adm_idx, adm_stage, adm_time = ar, w_stage, jnp.full(A, t, F64)
+    n_abs = 0
+    rows_all = _pack(rid, stage, prompt, done, pf_target, prefill, gen, target, order)
+    keep = active & ~finished
+    if R > 0:
+        # arrivals admitted at iteration jr < k: one token at the end of jr (the prefill's), then one per
+        # later iteration up to their target; those that reach it end there
+        jr, P, Tt = ab["j"], ab["prompt"], ab["target"]
+        taken = ab["absorbed"] & (jr < k)
+        n_abs = taken.sum().astype(I32)
+        a_rid = jnp.where(taken, ab["rid"], N)
+        a_gen = jnp.minimum(Tt, k - jr)
+        a_last = ends[jnp.clip(jr + a_gen - 1, 0, W - 1)]
+        a_fin = taken & (a_gen >= Tt)
+        adm_idx = jnp.concatenate([adm_idx, a_rid])
+        adm_stage = jnp.concatenate([adm_stage, jnp.zeros(R, I32)])
+        adm_time = jnp.concatenate([adm_time, starts[jnp.clip(jr, 0, W - 1)]])
+        ft_idx = jnp.concatenate([ft_idx, jnp.where(ab["emits"], a_rid, N)])
+        ft_time = jnp.concatenate([ft_time, ends[jnp.clip(jr, 0, W - 1)]])
+        rid_f = jnp.concatenate([jnp.where(finished, rid, N), jnp.where(a_fin, a_rid, N)])
+        stage_f = jnp.concatenate([stage, jnp.zeros(R, I32)])
+        t_row_f = jnp.concatenate([t_row, a_last])
+        a_order = st.order + n_admit + jnp.arange(R, dtype=I32)
+        zr = jnp.zeros(R, I32)
+        rows_all = jnp.concatenate([rows_all, _pack(a_rid, zr, P, P, P, zr, a_gen, Tt, a_order)])
+        keep = jnp.concatenate([keep, taken & ~a_fin])
+        last_all = jnp.concatenate([last_tok, a_last])
+        # routed here (outstanding += prompt + target) and, for those that finished, gone again
+        abs_tokens, abs_done = _slot_sums(jnp.where(taken & ~a_fin, P + Tt, 0), a_fin)
+    else:
+        rid_f, stage_f, t_row_f, last_all = jnp.where(finished, rid, N), stage, t_row, last_tok
+        abs_tokens = abs_done = 0
+    o_first_token = st.o_first_token.at[ft_idx].min(ft_time, mode="drop")
+    o_stage_end = st.o_stage_end.at[rid_f, stage_f].set(t_row_f, mode="drop")
+    o_stage_start = st.o_stage_start.at[adm_idx, adm_stage].min(adm_time, mode="drop")
+    o_stage_client = st.o_stage_client.at[adm_idx, adm_stage].set(c, mode="drop")
 
     # tokens leaving the client (least-outstanding routing) and requests completing (no next stage)
     fin_tokens, n_completes = _slot_sums(jnp.where(finished, prompt + target, 0), finished & ~has_next)
 
-    # ---- compact: running slots first, in admission order
-    keep = active & ~finished
+    # ---- compact: running slots first, in admission order (arrivals admitted in the stretch last)
     dest = jnp.where(keep, jnp.cumsum(keep) - 1, S)
-    packed = _pack(rid, stage, prompt, done, pf_target, prefill, gen, target, order)
-    slots_c = jnp.broadcast_to(jnp.asarray(EMPTY_SLOT, I32), packed.shape).at[dest].set(packed, mode="drop")
-    last_c = jnp.zeros(S, F64).at[dest].set(last_tok, mode="drop")
+    slots_c = jnp.broadcast_to(jnp.asarray(EMPTY_SLOT, I32), (S, rows_all.shape[-1])).at[dest].set(rows_all, mode="drop")
+    last_c = jnp.zeros(S, F64).at[dest].set(last_all, mode="drop")
 
     st = eqx_replace(
         st,
         t_free=st.t_free.at[c].set(jnp.where(go, t_end, st.t_free[c])), iters=st.iters.at[c].add(k),
         busy=st.busy.at[c].add(jnp.where(go, t_end - t, 0.0)),
-        outstanding=st.outstanding.at[c].add(-fin_tokens.astype(F64)),
+        outstanding=st.outstanding.at[c].add((abs_tokens - fin_tokens).astype(F64)),
         slots=st.slots.at[c].set(slots_c), s_last_tok=st.s_last_tok.at[c].set(last_c),
         q_item=q_item, q_ready=q_ready, q_head=q_head,
-        order=st.order + n_admit,
+        order=st.order + n_admit + n_abs, cursor=st.cursor + n_abs,
         r_gen=r_gen, r_preempted=r_preempted, r_swapped=r_swapped,
         o_first_token=o_first_token, o_preemptions=o_preemptions, o_stage_start=o_stage_start,
         o_stage_end=o_stage_end, o_stage_client=o_stage_client,
@@ -505,7 +569,105 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
                          r_preempted=st.r_preempted.at[hr].set(False, mode="drop"))
         st = route_and_push(dims, cl, topo, wl, st, rid, nxt, t_row, kv_bytes, jnp.full(S, c, I32), has_next)
         cr = jnp.where(finished & ~has_next, rid, N)
-    return eqx_replace(st, o_finish=st.o_finish.at[cr].set(t_row, mode="drop"), completed=st.completed + n_completes)
+    if R > 0:
+        cr = jnp.concatenate([cr, jnp.where(a_fin, a_rid, N)])
+        t_row = jnp.concatenate([t_row, a_last])
+    return eqx_replace(st, o_finish=st.o_finish.at[cr].set(t_row, mode="drop"),
+                       completed=st.completed + n_completes + abs_done)
+
+
+def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st: EngineState, c, n_valid, params,
+            replica, tabs, agg, dts, starts, attn, blocks, times, can, s_eff):
+    """Admit the next arrivals inside a decode stretch, exactly as the per-iteration engine would.
+
+    When client c is the only enabled client, no pipeline has a second stage, the policy is chunked
+    prefill and nothing waits in c's queue, an arrival at time a is admitted at the first iteration
+    j that starts at or after a (arrivals win ties) and prefills its whole prompt in that iteration
+    next to the running decodes. This is done for up to `dims.absorb` arrivals, one per iteration,
+    each when, at its iteration, its prompt fits the chunk size and the token budget left by the
+    decodes, a slot is free, and the KV blocks fit (the stretch's upper bound plus the rows admitted
+    before it). The first arrival that cannot be admitted so ends the stretch before its iteration
+    (as every arrival does without this), and the next step routes it.
+
+    Arrivals are taken one after another: each one's prefill iteration and later decodes change the
+    iteration times and so where the next one lands. The mixed iteration is costed with the same
+    pieces as `iteration_time` (GEMM-side parts read from tables over the token count), so a per-
+    iteration run gives the same durations."""
+    R, W, N = dims.absorb, dims.stretch, dims.num_requests
+    js = jnp.arange(W, dtype=I32)
+    jf = js.astype(F64)
+    bs, cap = cl.block_size[c], cl.kv_blocks[c]
+    n_enabled = cl.enabled.sum()
+    multi = (topo.pipeline_pools[:, 1:] >= 0).any() if dims.stages > 1 else jnp.asarray(False)
+    can = can & (n_enabled == 1) & ~multi
+    idx = st.cursor + jnp.arange(R + 1, dtype=I32)
+    rv = idx < n_valid
+    rs = jnp.clip(idx, 0, N - 1)
+    arr = jnp.where(rv, wl.arrival[rs], INF)
+    rid, rv, rs = idx[:R], rv[:R], rs[:R]
+    pipe = wl.pipeline[rs]
+    pool = topo.pipeline_pools[pipe, 0]
+    member = (pool >= 0) & topo.pool_members[jnp.clip(pool, 0, dims.pools - 1), c]
+    P, Tt = _stage_shape(cl, topo, wl, rs, jnp.zeros(R, I32), c)
+    cached = jnp.minimum(wl.cached_tokens[rs], jnp.maximum(P - 1, 0))
+    need = P - cached
+    TT = tabs[1]["gemm"].shape[-1] - 1
+    fits = (rv & member & (Tt >= 1) & (P + Tt <= cl.max_model_len[c]) & (_cdiv(P + Tt, bs) <= cap)
+            & (need <= cl.chunk_size[c]))
+    pf_blocks = _cdiv(P, bs)
+    one = jnp.ones((R, 1), bool)
+    t_pf = prefill_attention(params, replica, need[:, None].astype(F64), cached[:, None].astype(F64), one, one)[0]
+    tok_tab = {k: v[c] for k, v in tabs[1].items()}
+    smp_tab = {k: v[c] for k, v in tabs[2].items()}
+    tile = params.m_half[Op.ATTN_DECODE]
+    win = jnp.where(replica.window > 0, jnp.maximum(replica.window, tile), 1e30)
+
+    def admit_one(r, carry):
+        agg, dts, starts, attn, pf_cost, pf_at, blk_abs, alive, j_prev, a_stop, j_out, ok_out = carry
+        n, c_low, keys_mid, c_high, keys_high, longest = agg
+        jr = jnp.sum(starts < arr[r]).astype(I32)  # the first iteration starting at or after the arrival
+        jc = jnp.clip(jr, 0, W - 1)
+        nr = n[jc].astype(I32)
+        T_tok = nr + need[r]
+        ok_r = (alive & fits[r] & (jr < W) & (jr > j_prev) & (need[r] <= cl.max_batched_tokens[c] - nr)
+                & (nr < s_eff) & (T_tok <= TT) & (blocks[jc] + blk_abs[jc] + pf_blocks[r] <= cap))
+        # the mixed iteration: iteration_time's parts in its order of sums
+        ti = jnp.clip(T_tok, 0, TT)
+        ns = jnp.clip(nr + 1, 0, smp_tab["lm_head"].shape[-1] - 1)
+        d = dense_combine(params, {k: v[ti] for k, v in tok_tab.items()}, {k: v[ns] for k, v in smp_tab.items()},
+                          T_tok.astype(F64), (nr + 1).astype(F64))
+        mixed = sum({"gemm": d["gemm"], "attn_prefill": t_pf[r], "attn_decode": attn[jc], "moe": d["moe"],
+                     "elementwise": d["elementwise"], "lm_head": d["lm_head"], "comm": d["comm"],
+                     "cpu": d["cpu"]}.values())
+        at = ok_r & (js == jr)
+        pf_cost = jnp.where(at, mixed, pf_cost)
+        pf_at = pf_at | at
+        # its decodes: iterations jr + 1 .. jr + Tt - 1, attending to P + (j - jr) keys
+        on = ok_r & (js > jr) & (js <= jr + Tt[r] - 1)
+        att = (P[r] - jr).astype(F64) + jf
+        low = on & (att < tile)
+        high = on & (att > win)
+        mid = on & ~low & ~high
+        agg = (n + on, c_low + low, keys_mid + jnp.where(mid, att, 0.0), c_high + high,
+               keys_high + jnp.where(high, att, 0.0), jnp.maximum(longest, jnp.where(on, att, -1e30)))
+        blk_abs = blk_abs + jnp.where(at, pf_blocks[r], 0) + jnp.where(on, _cdiv(P[r] + js - jr + 1, bs), 0)
+        a_stop = jnp.where(alive & ok_r, arr[r + 1], a_stop)
+        j_out, ok_out = j_out.at[r].set(jr), ok_out.at[r].set(ok_r)
+        dts, starts, attn = times(agg, pf_cost, pf_at)
+        return (agg, dts, starts, attn, pf_cost, pf_at, blk_abs, alive & ok_r, jnp.where(ok_r, jr, j_prev), a_stop,
+                j_out, ok_out)
+
+    # a loop, not unrolled: the passes are sequential anyway, and one compiled body keeps compile time down
+    carry = (agg, dts, starts, attn, jnp.zeros(W, F64), jnp.zeros(W, bool), jnp.zeros(W, I32), can, jnp.int32(0),
+             arr[0], jnp.zeros(R, I32), jnp.zeros(R, bool))
+    # (passes after the first arrival that cannot be admitted would change nothing and are skipped;
+    # a fori_loop of conds rather than a while_loop, which reverse-mode differentiation cannot run)
+    carry = jax.lax.fori_loop(0, R, lambda r, cr: jax.lax.cond(cr[7], admit_one, lambda r_, c_: c_, r, cr), carry)
+    agg, dts, starts, attn, pf_cost, pf_at, blk_abs, alive, j_prev, a_stop, j_out, ok_out = carry
+    emits = topo.stage_emits[pipe, 0]
+    return {"agg": agg, "dts": dts, "starts": starts, "blocks": blocks + blk_abs, "pf_at": pf_at, "can": can,
+            "a_stop": a_stop, "j": j_out, "absorbed": ok_out, "rid": rid, "prompt": P,
+            "target": Tt, "emits": emits}
 
 
 def _materialise(*xs):
@@ -540,7 +702,7 @@ def _itl_bin(gap, bins: int):
 
 # ------------------------------------------------------------------------------------------- step
 def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_valid, st: EngineState,
-         dense_tab=None) -> EngineState:
+         tabs=None) -> EngineState:
     """Advance the simulation by one event: route the arrivals due no later than the earliest client
     event (arrivals win ties), then run the client whose event comes first, unless a further
     arrival comes before it. A no-op once every request has completed."""
@@ -565,5 +727,5 @@ def step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, n_vali
     run_client = (t_c < t_arr) & jnp.isfinite(t_c) & ~finished
 
     new = client_step(dims, cl, topo, wl, st, c, t_c, t_before, t_after, go=run_client, n_valid=n_valid,
-                      dense_tab=dense_tab)
+                      tabs=tabs)
     return eqx_replace(new, steps=new.steps + (route | run_client).astype(I32))

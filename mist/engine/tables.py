@@ -94,6 +94,10 @@ class EngineDims(NamedTuple):
     pools: int  # number of client pools
     pipelines: int  # number of pipelines
     itl_bins: int = 160  # bins of the inter-token-latency histogram (log-spaced)
+    # arrivals admitted inside one decode stretch (0: none; only a lone chunked-prefill client uses it)
+    absorb: int = 8
+    # largest token count (decodes + the admitted prompt) of such an admitted iteration (table size)
+    absorb_tokens: int = 8192
 
 
 class ClientTable(eqx.Module):

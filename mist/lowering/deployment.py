@@ -185,9 +185,11 @@ def _default_link(dev_a, dev_b, na: int, nb: int) -> tuple[float, float]:
 def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | None = None,
           queue: int | None = None, stretch: int = 64, num_requests: int | None = None,
           num_clients: int | None = None, stages: int | None = None, pools: int | None = None,
-          pipelines: int | None = None) -> Lowered:
+          pipelines: int | None = None, absorb: int | None = None, absorb_tokens: int | None = None) -> Lowered:
     """Lower a deployment and a workload to engine arrays. Capacities (slots, clients, stages ...)
-    may be raised above what this deployment needs so that several configs share one program."""
+    may be raised above what this deployment needs so that several configs share one program.
+    `absorb`, `absorb_tokens`: see `EngineDims` (defaults there; independent of the deployment, so
+    that configs lowered alike can be stacked)."""
     if not dep.clients:
         raise SpecError(dep.name, "clients", "no clients", "add at least one client")
     if any(c.stage is not None for c in dep.clients):
@@ -364,8 +366,9 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
     N = int(wl.arrival.shape[0])
     A = int(min(window or min(S, 64), S))
     Q = int(queue or default_queue(N))
+    extra = {k: int(v) for k, v in (("absorb", absorb), ("absorb_tokens", absorb_tokens)) if v is not None}
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=A, queue=Q, stages=K, stretch=max(stretch, 1),
-                      pools=P, pipelines=NP)
+                      pools=P, pipelines=NP, **extra)
     return Lowered(dims=dims, clients=clients, topology=topo, workload=wl,
                    client_names=[c.name for c in dep.clients] + [f"pad{i}" for i in range(C - C_real)],
                    pool_names=pool_names, pipeline_names=[p.name for p in dep.pipelines], notes=notes)

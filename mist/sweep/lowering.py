@@ -152,8 +152,15 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     C, K, P, NP = dm("num_clients", "clients"), dm("stages", "stages"), dm("pools", "pools"), dm("pipelines", "pipelines")
     S = max([int(np.max(np.asarray(lo.clients.max_num_seqs))) for lo in los] + [md.get("slots", 0), 1])
     N = max([len(w["arrival"]) for w in wl_arrays] + [md.get("requests", 0), 1])
+    # arrivals admitted inside stretches serve only configs with one client; their tables span the
+    # largest token budget among those (at most EngineDims' default)
+    lone = [lo for lo in los if len(lo.client_names) == 1]
+    absorb = EngineDims._field_defaults["absorb"] if lone else 0
+    tt = EngineDims._field_defaults["absorb_tokens"]
+    tt = min([tt, max([int(np.max(np.asarray(lo.clients.max_batched_tokens))) for lo in lone] + [1])])
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=int(min(window or min(S, 64), S)),
-                      queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP)
+                      queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP,
+                      absorb=absorb, absorb_tokens=tt)
     clients = uniform_swap([pad_clients(_host(lo.clients), C) for lo in los])
     topos = [pad_topology(_host(lo.topology), C, P, NP, K) for lo in los]
     wls = [_host(lower_workload(w, N)) for w in wl_arrays]
@@ -172,7 +179,10 @@ def bytes_per_config(dims: EngineDims, ls: LoweredSweep | None = None) -> int:
     if ls is not None and ls.feasible:
         trees = (ls.clients[0], ls.topologies[0], ls.workloads[0])
         in_b = sum(x.nbytes for x in jax.tree.leaves(trees))
-    return int(3 * state_b + in_b + 64 * 1024)
+    # cost tables (see engine.step.cost_tables): decode times, token and sample pieces
+    tab_b = 8 * dims.num_clients * ((dims.slots + 1) + (6 * (dims.absorb_tokens + 1) + 2 * (dims.slots + 2))
+                                    * (dims.absorb > 0))
+    return int(3 * state_b + in_b + tab_b + 64 * 1024)
 
 
 __all__ = ["LoweredSweep", "lower_sweep", "pad_clients", "pad_topology", "bytes_per_config"]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..engine.run import compiler_options, default_chunk, run_chunk_batched
+from ..engine.run import compiler_options, default_chunk, run_chunk_batched, tables
 from ..engine.state import init_state
 from ..engine.tables import EngineDims
 from .lowering import LoweredSweep, bytes_per_config
@@ -84,7 +84,8 @@ def _programs(dims: EngineDims, length: int, sharding):
         kw = {} if sharding is None else dict(in_shardings=sharding, out_shardings=sharding)
         run = jax.jit(partial(run_chunk_batched, dims, length), **kw)
         init = jax.jit(jax.vmap(lambda k: init_state(dims, k)), **kw)
-        _COMPILED[key] = {"run": run, "init": init, "compiled": {}}
+        tabs = jax.jit(partial(tables.__wrapped__, dims, True), **kw)
+        _COMPILED[key] = {"run": run, "init": init, "tables": tabs, "compiled": {}}
     return _COMPILED[key]
 
 
@@ -127,8 +128,9 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
         cl, topo, wl, n_valid_d, keys_d = place((cl, topo, wl, n_valid, keys), sharding)
         t0 = time.perf_counter()
         st = prog["init"](keys_d)
+        tabs = prog["tables"](cl)  # cost tables, once per chunk of configs
         if B not in prog["compiled"]:
-            prog["compiled"][B] = prog["run"].lower(cl, topo, wl, n_valid_d, st).compile(
+            prog["compiled"][B] = prog["run"].lower(cl, topo, wl, n_valid_d, st, tabs).compile(
                 compiler_options=compiler_options())
             info.compile_s += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -136,7 +138,7 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
         prev = np.full(B, -1)
         stuck = np.zeros(B, bool)
         while True:
-            st = fn(cl, topo, wl, n_valid_d, st)
+            st = fn(cl, topo, wl, n_valid_d, st, tabs)
             done = np.asarray(st.completed) >= n_valid
             steps = np.asarray(st.steps)
             stuck |= ~done & (steps == prev)
