@@ -284,15 +284,25 @@ def test_random_workloads(seed, n, policy, max_num_seqs, rate, kv, replicas):
     assert_same_outputs(outputs(st, n), outputs(out["D1"][1], n), tol=1e-12)
 
 
-@pytest.mark.parametrize("case", ["single:chunked", "tinykv:chunked"])
-def test_arrivals_admitted_inside_stretches(case):
+@pytest.mark.parametrize("max_num_seqs,kv,rate", [(4, None, 20.0), (2, None, 6.0), (4, 120, 6.0)])
+def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate):
     """A lone chunked-prefill client admits the next arrivals inside a decode stretch (dims.absorb):
-    fewer scan steps, the same timestamps and iterations as ending every stretch at an arrival."""
-    lo, st, _ = run_case(case)
-    assert lo.dims.absorb > 0
-    lo0 = lowered(case, {**D16, "absorb": 0})
-    st0, _ = simulate_arrays(lo0.dims, lo0.clients, lo0.topology, lo0.workload)
+    fewer scan steps, the same timestamps and iterations as ending every stretch at an arrival, and
+    the reference engine's timestamps (with slots or KV blocks the binding limit too)."""
+    dep = Deployment.single(MODEL, "h100", policy="chunked", max_num_seqs=max_num_seqs, max_num_batched_tokens=1024,
+                            chunk_size=512)
+    reqs = workload(11, 30, rate=rate)
+    runs = {}
+    for absorb in (0, 8):
+        lo = lower(dep, reqs, **D16, absorb=absorb)
+        lo = with_kv_blocks(lo, kv) if kv else lo
+        st, _ = simulate_arrays(lo.dims, lo.clients, lo.topology, lo.workload)
+        runs[absorb] = (lo, jax.device_get(st))
+    (lo, st), (_, st0) = runs[8], runs[0]
     n = n_valid(lo)
-    assert_same_outputs(outputs(st, n), outputs(jax.device_get(st0), n), tol=1e-12)
+    assert_same_outputs(outputs(st, n), outputs(st0, n), tol=1e-12)
     np.testing.assert_array_equal(np.asarray(st.iters), np.asarray(st0.iters))
     assert int(st.steps) < int(st0.steps)
+    ref = ReferenceEngine(lo).run()
+    assert_same_outputs(ref_outputs(ref), outputs(st, n))
+    assert_invariants(lo, st, ref)
