@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import pandas as pd
 
+from ..cost.iteration import WIDE_HEAD_DIM
 from ..cost.params import NUM_COMMS, NUM_OPS, CostParams, default_params, save_params
 from ..specs.catalog import get_hardware
 from ..specs.hardware import Device
@@ -161,14 +162,15 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
     mask = eqx.tree_at(
         lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness, p.log_pair_width,
                    p.log_serial_bw, p.log_item_time, p.log_split_time, p.log_group_time, p.gqa_pack_logit,
-                   p.log_block_half,
+                   p.log_block_half, p.log_width_time, p.log_seq_time, p.log_seq_half, p.log_item_wave,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
                    p.log_cpu_per_token, p.step_noise_sigma),
         template,
         (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
-         jnp.asarray(om), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
+         jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
+         jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
          jnp.asarray(cm), z, z, z, z),
     )
     return jax.tree_util.tree_map(lambda m, t: jnp.asarray(m, t.dtype), mask, template)
@@ -190,6 +192,15 @@ GQA_PACK_START = {"ATTN_PREFILL": 0.5}
 #: where a fit starts the half-efficiency thread blocks of prefill attention (see
 #: CostParams.log_block_half), off by default
 BLOCK_HALF_START = {"ATTN_PREFILL": 32.0}
+#: where a fit starts the decode call's fixed time per element of head width (s; see
+#: CostParams.log_width_time)
+WIDTH_TIME_START = {"ATTN_DECODE": 2e-9}
+#: where a fit starts the wide-head decode kernel's time per sequence (s) and its doubling batch
+#: (see CostParams.log_seq_time): only for devices with rows of such heads (fit_start), else off
+SEQ_TIME_START = {"ATTN_DECODE": 1e-6}
+SEQ_HALF_START = {"ATTN_DECODE": 512.0}
+#: where a fit starts the decode items of a first wave (see CostParams.log_item_wave)
+ITEM_WAVE_START = {"ATTN_DECODE": 64.0}
 
 
 def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
@@ -204,7 +215,15 @@ def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
     # (field, start per operator class, how the field stores the value)
     starts = (("log_serial_bw", SERIAL_BW_START, log), ("log_item_time", ITEM_TIME_START, log),
               ("log_split_time", SPLIT_TIME_START, log), ("log_group_time", GROUP_TIME_START, log),
-              ("gqa_pack_logit", GQA_PACK_START, logit), ("log_block_half", BLOCK_HALF_START, log))
+              ("gqa_pack_logit", GQA_PACK_START, logit), ("log_block_half", BLOCK_HALF_START, log),
+              ("log_item_wave", ITEM_WAVE_START, log))
+    # terms that only rows of several head widths, or of heads wider than FlashAttention-3's, can
+    # tell apart from the fixed time per call: off unless such rows are there
+    dims = _decode_head_dims(prep) if prep is not None else None
+    if dims is None or len(dims) > 1:
+        starts += (("log_width_time", WIDTH_TIME_START, log),)
+    if dims is None or any(d > WIDE_HEAD_DIM for d in dims):
+        starts += (("log_seq_time", SEQ_TIME_START, log), ("log_seq_half", SEQ_HALF_START, log))
     values = []
     for field, start, stored in starts:
         v = getattr(p, field)
@@ -213,6 +232,17 @@ def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:
                 v = v.at[int(Op[name])].set(stored(x))
         values.append(v)
     return eqx.tree_at(lambda q: tuple(getattr(q, f) for f, _, _ in starts), p, tuple(values))
+
+
+def _decode_head_dims(prep: Prepared) -> set[float]:
+    """The head widths of the prepared decode-attention rows (they decide which decode terms the
+    rows can inform: CostParams.width_time needs several, seq_time heads wider than
+    WIDE_HEAD_DIM)."""
+    g = prep.groups.get("attn_decode")
+    if g is None:
+        return set()
+    idx, a = g
+    return {float(x) for x in np.unique(np.asarray(a["head_dim"])[: len(idx)])}
 
 
 def _as_prep(groups: dict) -> Prepared:

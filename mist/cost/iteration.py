@@ -14,7 +14,7 @@ from jaxtyping import Array, Bool, Float
 
 from .params import Comm, CostParams, Op
 from .replica import Replica
-from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time
+from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time, waved_items
 
 #: bytes moved per token and hidden element by a layer's elementwise kernels (two norms, two
 #: residual adds, rotary on q/k), in units of one activation element
@@ -129,13 +129,36 @@ def decode_extra_launches(n, longest, q_per_kv, kv_heads, head_dim):
     return jnp.where((q_per_kv > 1.0) & (regroup | split), 1.0, 0.0)
 
 
+#: widest head FlashAttention-3 serves; decode calls of wider (non-MLA) heads run another kernel
+#: (vLLM's FlashAttention-4 path on Hopper), see decode_wide_time
+WIDE_HEAD_DIM = 256.0
+
+
+def decode_wide_time(params: CostParams, n, head_dim, wide):
+    """Seconds per layer of a decode call's fixed work that depends on the head width and, for
+    heads wider than WIDE_HEAD_DIM, on the number of sequences (elementwise): the pipeline fill of
+    a thread block, params.width_time per element of d_qk + d_v (= 2 head_dim), paid once per call
+    that has a sequence; and the wide-head kernel's per-sequence time, seq_time x n x (1 + n /
+    seq_half), which does not overlap across sequences (vLLM's FlashAttention-4 path on H100 at
+    head dim 512: ~2.2 us per sequence at batch 8-64, ~3.6-4.8 at 512). `wide`: the call runs the
+    wide-head kernel (a non-MLA head wider than WIDE_HEAD_DIM)."""
+    on = n > 0
+    fill = jnp.where(on, params.width_time[Op.ATTN_DECODE] * 2.0 * head_dim, 0.0)
+    seq = params.seq_time[Op.ATTN_DECODE] * n * (1.0 + n / params.seq_half[Op.ATTN_DECODE])
+    return fill + jnp.where(wide & on, seq, 0.0)
+
+
 def decode_split_time(params: CostParams, rep: Replica, n, longest):
     """Seconds of decode attention's second kernels over every layer for n decoding sequences, the
-    longest attending to `longest` keys (elementwise; see decode_extra_launches), and of the GQA
-    regrouped path (params.group_time) of every call that has a sequence."""
+    longest attending to `longest` keys (elementwise; see decode_extra_launches), of the GQA
+    regrouped path (params.group_time) of every call that has a sequence, and of the head-width
+    and wide-head terms (decode_wide_time; not for MLA's absorbed form, d_qk != d_v, which runs
+    its own kernel)."""
     extra = decode_extra_launches(n, longest, rep.q_per_kv, rep.heads / rep.q_per_kv, rep.d_qk_decode)
     group = jnp.where((rep.q_per_kv > 1.0) & (n > 0), params.group_time[Op.ATTN_DECODE], 0.0)
-    return rep.num_layers * (params.split_time[Op.ATTN_DECODE] * extra + group)
+    mha_like = rep.d_qk_decode == rep.d_v_decode
+    wide = jnp.where(mha_like, decode_wide_time(params, n, rep.d_qk_decode, rep.d_qk_decode > WIDE_HEAD_DIM), 0.0)
+    return rep.num_layers * (params.split_time[Op.ATTN_DECODE] * extra + group + wide)
 
 
 def decode_tile_keys(params: CostParams, keys):
@@ -187,9 +210,13 @@ def decode_attention_from_aggregates(params: CostParams, rep: Replica, n, c_low,
     tile = params.m_half[Op.ATTN_DECODE]
     win = jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)
     item = decode_item_keys(params, rep.kv_bytes * (rep.d_qk_decode + rep.d_v_decode), rep.mem_bw)
+    # the items that pay their fixed work (roofline.waved_items), in sequences: n x KV heads items
+    # (MLA's absorbed form: one latent head)
+    kvh = jnp.where(rep.d_qk_decode == rep.d_v_decode, rep.heads / rep.q_per_kv, 1.0)
+    n_items = waved_items(params, n * kvh) / kvh
     F = L - rep.sliding_layers
-    keys = (F * (tile * c_low + keys_mid + keys_high + item * n)
-            + rep.sliding_layers * (tile * c_low + keys_mid + win * c_high + item * n))
+    keys = (F * (tile * c_low + keys_mid + keys_high + item * n_items)
+            + rep.sliding_layers * (tile * c_low + keys_mid + win * c_high + item * n_items))
     width_d = rep.heads * (rep.d_qk_decode + rep.d_v_decode)
     dc_flops = 2.0 * width_d * keys
     dc_bytes = keys * rep.kv_bytes_token_layer + L * n * width_d * rep.act_bytes

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .iteration import (_windowed_pairs, decode_extra_launches, decode_tile_keys, prefill_block_factor,
-                        prefill_blocks, prefill_tile_pairs)
+from .iteration import (WIDE_HEAD_DIM, _windowed_pairs, decode_extra_launches, decode_tile_keys,
+                        decode_wide_time, prefill_block_factor, prefill_blocks, prefill_tile_pairs)
 from .params import Comm, CostParams, Op
-from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time
+from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time, waved_items
 
 _BIG = 1e30
 
@@ -55,17 +55,22 @@ def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_di
     # and GQA split or pack instead
     serial_tok = jnp.where(heads <= kv_heads, 2.0 * head_dim * kv_bytes, 0.0) if kv_tok_bytes is None else 0.0
     item = decode_item_keys(params, kv_bytes * (head_dim + d_v), mem_bw)
-    keys = decode_tile_keys(params, kv_len) + item
-    flops = batch * 2.0 * heads * (head_dim + d_v) * keys
-    bytes_ = batch * (keys * kv_tok + heads * (head_dim + d_v) * a_bytes)
+    # keys summed over the sequences: each reads at least a tile, and the items beyond the first
+    # wave pay their fixed work (roofline.waved_items; MLA: one latent head per sequence)
+    items = batch * (kv_heads if kv_tok_bytes is None else 1.0)
+    keys = batch * decode_tile_keys(params, kv_len) + item * waved_items(params, items) * (batch / items)
+    flops = 2.0 * heads * (head_dim + d_v) * keys
+    bytes_ = keys * kv_tok + batch * heads * (head_dim + d_v) * a_bytes
     # GQA calls that regroup heads or split the context launch a second kernel (MLA: one kernel, as
     # the engine's absorbed form; see iteration.decode_extra_launches)
     q_per_kv = jnp.where(kv_tok_bytes is None, heads / kv_heads, 1.0)
     extra = decode_extra_launches(batch, kv_len, q_per_kv, kv_heads, head_dim)
     group = jnp.where(q_per_kv > 1.0, params.group_time[Op.ATTN_DECODE], 0.0)  # the regrouped path
+    # the head-width fill and the wide-head kernel's per-sequence time (not for MLA's own kernel)
+    wide = 0.0 if kv_tok_bytes is not None else decode_wide_time(params, batch, head_dim, head_dim > WIDE_HEAD_DIM)
     return (kernel_time(params, Op.ATTN_DECODE, flops, bytes_, peak_flops, mem_bw, _BIG, 1.0,
                         serial_bytes=(kv_len + item) * serial_tok) + params.split_time[Op.ATTN_DECODE] * extra
-            + group)
+            + group + wide)
 
 
 def moe_time(params: CostParams, num_tokens, hidden, inter, num_experts, top_k, peak_flops, mem_bw,

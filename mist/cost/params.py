@@ -91,6 +91,21 @@ class CostParams(eqx.Module):
         i.e. costs (1 + b / B) times as long (too few blocks leave SMs idle, the last wave runs
         partly empty, few blocks per SM hide less latency); fitted per device, ~0 (off) where the
         kernels fill the machine otherwise
+      log_width_time: decode attention only: log seconds per layer, per element of head width
+        (d_qk + d_v), of a call's fixed time beyond params.overhead: the pipeline fill of a thread
+        block (query load, the first KV tile's load and its QK^T and PV steps, the output store)
+        runs before anything overlaps and grows with the head width (FlashAttention-3 on H100: a
+        call of one short sequence takes ~10.3 us at head dim 64, ~11.5 at 128, ~12.3 at 256)
+      log_seq_time, log_seq_half: decode attention only: the kernel that serves head dims above
+        WIDE_HEAD_DIM (vLLM's FlashAttention-4 path on Hopper, beyond FlashAttention-3's 256 limit)
+        pays a time per sequence and layer that does not overlap across sequences:
+        seq_time x n x (1 + n / seq_half) for a call of n sequences (see
+        mist.cost.iteration.decode_wide_time); fitted per device, off where no such rows exist
+      log_item_wave: decode attention only: log of the work items (sequence, KV head) that run
+        concurrently in a call's first wave and whose fixed work hides under the call's fixed time:
+        a call of x items per layer pays item_time for x - w (1 - exp(-x / w)) of them (~x^2 / 2w
+        below a wave, x - w above; see mist.cost.roofline.waved_items); ~0 (off) in files written
+        before it
       log_pair_width: prefill attention only: log of the work per query-key pair and head that does not
         scale with the head width (softmax, masking, rescaling), in head-width units: a pair costs
         2 (d_qk + d_v + pair_width) FLOPs at the kernel's efficiency instead of 2 (d_qk + d_v)
@@ -123,6 +138,10 @@ class CostParams(eqx.Module):
     log_group_time: Float[Array, "ops"]
     gqa_pack_logit: Float[Array, "ops"]
     log_block_half: Float[Array, "ops"]
+    log_width_time: Float[Array, "ops"]
+    log_seq_time: Float[Array, "ops"]
+    log_seq_half: Float[Array, "ops"]
+    log_item_wave: Float[Array, "ops"]
     comm_bw_logit: Float[Array, "comms"]
     log_comm_latency_scale: Float[Array, "comms"]
     log_comm_s_half: Float[Array, "comms"]
@@ -184,6 +203,22 @@ class CostParams(eqx.Module):
         return jnp.exp(self.log_block_half)
 
     @property
+    def width_time(self):
+        return jnp.exp(self.log_width_time)
+
+    @property
+    def seq_time(self):
+        return jnp.exp(self.log_seq_time)
+
+    @property
+    def seq_half(self):
+        return jnp.exp(self.log_seq_half)
+
+    @property
+    def item_wave(self):
+        return jnp.exp(self.log_item_wave)
+
+    @property
     def comm_bw_eff(self):
         return jax_sigmoid(self.comm_bw_logit)
 
@@ -237,6 +272,10 @@ class CostParams(eqx.Module):
                 "group_time_us": f(self.group_time[op] * 1e6),
                 "gqa_pack": f(self.gqa_pack[op]),
                 "block_half": f(self.block_half[op]),
+                "width_time_ns": f(self.width_time[op] * 1e9),
+                "seq_time_us": f(self.seq_time[op] * 1e6),
+                "seq_half": f(self.seq_half[op]),
+                "item_wave": f(self.item_wave[op]),
             } for op in Op},
             "comms": {c.name.lower(): {
                 "bw_eff": f(self.comm_bw_eff[c]),
@@ -276,6 +315,10 @@ class CostParams(eqx.Module):
                 group_time=[ops[o.name.lower()].get("group_time_us", SPLIT_TIME_OFF * 1e6) * 1e-6 for o in Op],
                 gqa_pack=[ops[o.name.lower()].get("gqa_pack", GQA_PACK_FULL) for o in Op],
                 block_half=[ops[o.name.lower()].get("block_half", BLOCK_HALF_OFF) for o in Op],
+                width_time=[ops[o.name.lower()].get("width_time_ns", TIME_OFF * 1e9) * 1e-9 for o in Op],
+                seq_time=[ops[o.name.lower()].get("seq_time_us", TIME_OFF * 1e6) * 1e-6 for o in Op],
+                seq_half=[ops[o.name.lower()].get("seq_half", SEQ_HALF_OFF) for o in Op],
+                item_wave=[ops[o.name.lower()].get("item_wave", ITEM_WAVE_OFF) for o in Op],
                 comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
                 comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
                 comm_s_half=cget("s_half_bytes", COMM_OFF["s_half"]),
@@ -314,13 +357,21 @@ GQA_PACK_FULL = 1.0
 #: half-efficiency thread blocks of prefill attention that switch the block ramp off (files
 #: written before it existed)
 BLOCK_HALF_OFF = 1e-30
+#: a fixed time (s) that switches its term off (decode width and wide-head sequence times; files
+#: written before them)
+TIME_OFF = 1e-30
+#: sequences at which the wide-head per-sequence time doubles, switching the growth off
+SEQ_HALF_OFF = 1e30
+#: decode items per first wave that switch the wave discount off (every item pays its time)
+ITEM_WAVE_OFF = 1e-30
 
 
 def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
                 comm_latency_scale, cpu_iter_s, cpu_per_seq_s, cpu_per_token_s,
                 step_noise_sigma=0.0, comm_s_half=None, comm_beta=None, comm_group_exp=None,
                 comm_overhead_s=None, pair_width=None, serial_bw=None, item_time=None,
-                split_time=None, gqa_pack=None, group_time=None, block_half=None) -> CostParams:
+                split_time=None, gqa_pack=None, group_time=None, block_half=None, width_time=None,
+                seq_time=None, seq_half=None, item_wave=None) -> CostParams:
     """Build CostParams from physical values (collective terms and the attention pair width left
     out are switched off, see COMM_OFF, PAIR_WIDTH_OFF, SERIAL_BW_OFF, ITEM_TIME_OFF and
     SPLIT_TIME_OFF; the GQA packing is full, GQA_PACK_FULL; the block ramp off, BLOCK_HALF_OFF)."""
@@ -347,6 +398,14 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
                                                      dtype=np.float64), 1e-6, 1 - 1e-9))),
         log_block_half=a(np.log(np.maximum(np.asarray([BLOCK_HALF_OFF] * NUM_OPS if block_half is None
                                                       else block_half, dtype=np.float64), 1e-30))),
+        log_width_time=a(np.log(np.maximum(np.asarray([TIME_OFF] * NUM_OPS if width_time is None
+                                                      else width_time, dtype=np.float64), 1e-30))),
+        log_seq_time=a(np.log(np.maximum(np.asarray([TIME_OFF] * NUM_OPS if seq_time is None
+                                                    else seq_time, dtype=np.float64), 1e-30))),
+        log_seq_half=a(np.log(np.minimum(np.asarray([SEQ_HALF_OFF] * NUM_OPS if seq_half is None
+                                                    else seq_half, dtype=np.float64), 1e30))),
+        log_item_wave=a(np.log(np.maximum(np.asarray([ITEM_WAVE_OFF] * NUM_OPS if item_wave is None
+                                                     else item_wave, dtype=np.float64), 1e-30))),
         comm_bw_logit=a(_logit(clip(comm_bw_eff))),
         log_comm_latency_scale=a(np.log(pos(comm_latency_scale))),
         log_comm_s_half=a(np.log(pos(full(comm_s_half, "s_half")))),
