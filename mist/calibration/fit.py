@@ -183,7 +183,7 @@ SERIAL_BW_START = {"ATTN_DECODE": 25e9, "GEMM": 1e12}
 #: where a fit starts the fixed time per work item (s; see CostParams.log_item_time), off by default
 ITEM_TIME_START = {"ATTN_DECODE": 1e-8}
 #: where a fit starts the time of a decode call's second kernel (s; see CostParams.log_split_time)
-SPLIT_TIME_START = {"ATTN_DECODE": 3e-6, "ATTN_PREFILL": 3e-6}
+SPLIT_TIME_START = {"ATTN_DECODE": 3e-6, "ATTN_PREFILL": 3e-6, "GEMM": 1e-6}
 #: where a fit starts the time of the GQA regrouped path (s; see CostParams.log_group_time)
 GROUP_TIME_START = {"ATTN_DECODE": 1e-6, "ATTN_PREFILL": 1e-6}
 #: where a fit starts the GQA packing exponent (see CostParams.gqa_pack_logit): half way, so that

@@ -14,7 +14,7 @@ from jaxtyping import Array, Bool, Float
 
 from .params import Comm, CostParams, Op
 from .replica import Replica
-from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time, waved_items
+from .roofline import collective_time, decode_item_keys, gemm_serial_time, kernel_time, waved_items
 
 #: bytes moved per token and hidden element by a layer's elementwise kernels (two norms, two
 #: residual adds, rotary on q/k), in units of one activation element
@@ -373,8 +373,9 @@ def dense_token_pieces(params: CostParams, rep: Replica, T) -> dict[str, Float[A
     g_bytes = rep.gemm_layers * (rep.gemm_n * rep.gemm_k * rep.w_bytes + Tg * (rep.gemm_n + rep.gemm_k) * ab)
     g_bytes = jnp.where(Tg > 0, g_bytes, 0.0)
     t_gemm = jnp.sum(jnp.where(g_on, kernel_time(params, Op.GEMM, g_flops, g_bytes, rep.peak_gemm, rep.mem_bw,
-                                                   Tg, rep.gemm_layers, serial_bytes=rep.gemm_layers
-                                                   * gemm_serial_bytes(rep.gemm_k, rep.w_bytes, ab)), 0.0), axis=-1)
+                                                   Tg, rep.gemm_layers, serial_time=rep.gemm_layers
+                                                   * gemm_serial_time(params, rep.gemm_k, rep.w_bytes, ab)),
+                                       0.0), axis=-1)
 
     # ---- mixture of experts (grouped GEMMs over the experts that received tokens)
     assign = T * rep.top_k
@@ -423,7 +424,7 @@ def dense_sample_pieces(params: CostParams, rep: Replica, n_sample) -> dict[str,
     lm_bytes = jnp.where(n_sample > 0, (h * rep.vocab_local * rep.w_bytes
                                         + n_sample * (h + rep.vocab_local) * ab) * rep.has_lm_head, 0.0)
     t_lm = kernel_time(params, Op.GEMM, lm_flops, lm_bytes, rep.peak_gemm, rep.mem_bw, n_sample, 1.0,
-                       serial_bytes=gemm_serial_bytes(h, rep.w_bytes, ab))
+                       serial_time=gemm_serial_time(params, h, rep.w_bytes, ab))
     tp_bw, tp_lat = _tp_link(rep)
     # S is the whole gathered buffer (full vocabulary)
     ag = collective_time(params, Comm.ALLGATHER, n_sample * rep.vocab_local * rep.tp * 4.0 * rep.has_lm_head,

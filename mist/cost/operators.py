@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from .iteration import (WIDE_HEAD_DIM, _windowed_pairs, decode_extra_launches, decode_tile_keys,
                         decode_wide_time, prefill_block_factor, prefill_blocks, prefill_tile_pairs)
 from .params import Comm, CostParams, Op
-from .roofline import collective_time, decode_item_keys, gemm_serial_bytes, kernel_time, waved_items
+from .roofline import collective_time, decode_item_keys, gemm_serial_time, kernel_time, waved_items
 
 _BIG = 1e30
 
@@ -19,7 +19,7 @@ def gemm_time(params: CostParams, m, n, k, peak_flops, mem_bw, w_bytes=2.0, a_by
     flops = 2.0 * m * n * k
     bytes_ = n * k * w_bytes + m * (n + k) * a_bytes
     return kernel_time(params, Op.GEMM, flops, bytes_, peak_flops, mem_bw, m, 1.0,
-                       serial_bytes=gemm_serial_bytes(k, w_bytes, a_bytes))
+                       serial_time=gemm_serial_time(params, k, w_bytes, a_bytes))
 
 
 def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads, head_dim, peak_flops, mem_bw,

@@ -30,13 +30,14 @@ def smooth_max(a, b, p):
 
 
 def kernel_time(params: CostParams, op: int, flops, bytes_, peak_flops, bandwidth, rows, kernels,
-                serial_bytes=None):
+                serial_bytes=None, serial_time=None):
     """Time (s) of `kernels` launches of operator class `op` doing `flops` and moving `bytes_` in all.
 
     `rows` is the M dimension that decides how well a kernel fills the machine (tokens for a
     GEMM, query tokens for attention); `kernels` the number of launches (0 when absent).
     `serial_bytes` (optional): bytes that one thread block streams alone (a kernel that cannot
     split its longest piece of work); their time at params.serial_bw[op] floors the memory time.
+    `serial_time` (optional): such a floor given as seconds (see gemm_serial_time).
     """
     rows = jnp.maximum(rows, _TINY)
     eff_c = params.compute_eff[op] * rows / (rows + params.m_half[op])
@@ -44,6 +45,8 @@ def kernel_time(params: CostParams, op: int, flops, bytes_, peak_flops, bandwidt
     t_m = bytes_ / (bandwidth * params.memory_eff[op])
     if serial_bytes is not None:
         t_m = smooth_max(t_m, serial_bytes / params.serial_bw[op], params.sharpness[op])
+    if serial_time is not None:
+        t_m = smooth_max(t_m, serial_time, params.sharpness[op])
     active = (flops + bytes_) > 0
     return jnp.where(active, smooth_max(t_c, t_m, params.sharpness[op]) + kernels * params.overhead[op], 0.0)
 
@@ -58,6 +61,20 @@ def gemm_serial_bytes(k, w_bytes, a_bytes):
     of K. With params.serial_bw[GEMM] this floors small-M, small-N GEMMs with a long K loop, whose
     few output tiles cannot fill the machine (see kernel_time's serial_bytes)."""
     return k * GEMM_TILE * (w_bytes + a_bytes)
+
+
+def gemm_serial_time(params: CostParams, k, w_bytes, a_bytes):
+    """Seconds of the K loop of one GEMM output tile (gemm_serial_bytes at params.serial_bw[GEMM])
+    when the library may split K: split s ways, the loop takes t / s plus s x tau for the partial
+    tiles' reduction (tau = params.split_time[GEMM]), whose best split costs 2 sqrt(t tau); smoothly,
+    t / sqrt(1 + t / 4 tau): t for short loops (no split), 2 sqrt(t tau) for long ones (cuBLAS's
+    split-K: a small-M, small-N GEMM with K = 64K takes ~3x, not 25x, the time of one with K = 2.5K).
+    tau ~ 0 (files written before it): the unsplit loop, t."""
+    t = gemm_serial_bytes(k, w_bytes, a_bytes) / params.serial_bw[Op.GEMM]
+    tau = params.split_time[Op.GEMM]
+    on = tau > 1e-15
+    ts = jnp.where(on, tau, 1.0)  # "double where": finite gradients when off
+    return jnp.where(on, t / jnp.sqrt(1.0 + t / (4.0 * ts)), t)
 
 
 def decode_item_keys(params: CostParams, head_bytes, bandwidth):
