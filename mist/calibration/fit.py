@@ -181,7 +181,7 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
 #: the fit keeps them only where rows need them
 SERIAL_BW_START = {"ATTN_DECODE": 25e9, "GEMM": 1e12}
 #: where a fit starts the fixed time per work item (s; see CostParams.log_item_time), off by default
-ITEM_TIME_START = {"ATTN_DECODE": 1e-8}
+ITEM_TIME_START = {"ATTN_DECODE": 1e-8, "ATTN_PREFILL": 1e-8}
 #: where a fit starts the time of a decode call's second kernel (s; see CostParams.log_split_time)
 SPLIT_TIME_START = {"ATTN_DECODE": 3e-6, "ATTN_PREFILL": 3e-6, "GEMM": 1e-6}
 #: where a fit starts the time of the GQA regrouped path (s; see CostParams.log_group_time)
@@ -200,7 +200,7 @@ WIDTH_TIME_START = {"ATTN_DECODE": 2e-9}
 SEQ_TIME_START = {"ATTN_DECODE": 1e-6}
 SEQ_HALF_START = {"ATTN_DECODE": 512.0}
 #: where a fit starts the decode items of a first wave (see CostParams.log_item_wave)
-ITEM_WAVE_START = {"ATTN_DECODE": 64.0}
+ITEM_WAVE_START = {"ATTN_DECODE": 64.0, "ATTN_PREFILL": 64.0}
 
 
 def fit_start(p: CostParams, prep: Prepared | None = None) -> CostParams:

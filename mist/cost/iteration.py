@@ -110,6 +110,16 @@ def prefill_block_factor(params: CostParams, blocks, multi):
     return jnp.where(multi, ramp, 1.0)
 
 
+def prefill_block_time(params: CostParams, blocks):
+    """Seconds per layer of the fixed work of a prefill-attention call's `blocks` thread blocks
+    (prefill_blocks summed over its sequences): params.item_time[ATTN_PREFILL] per block beyond the
+    first wave (roofline.waved_items with params.item_wave[ATTN_PREFILL]): each block loads its
+    query tile, runs the softmax epilogue and stores its output however few keys it visits, so calls
+    of many short chunks (FlashAttention-3 on H100: MHA, 128 sequences x 16 tokens x 16 heads, ~35 ns
+    per block) cost more than their pairs; ~0 (off) in files written before it."""
+    return params.item_time[Op.ATTN_PREFILL] * waved_items(params, blocks, Op.ATTN_PREFILL)
+
+
 #: FlashAttention-2 splits a decode call's context only while its (sequence, KV head) work items
 #: fill fewer than 0.8 x the SMs (108 on A100); with more it runs one kernel
 SPLIT_MAX_ITEMS = 86.4
@@ -486,7 +496,7 @@ def prefill_attention(params: CostParams, rep: Replica, tokens, context, last, m
     # has q >= 1, so the call has a multi-token chunk iff its tokens outnumber its chunks
     pf_flops_eff = pf_flops_eff * prefill_block_factor(params, pf_blocks, n_pre_tok > n_pf)
     t = jnp.where(n_pre_tok > 0, kernel_time(params, Op.ATTN_PREFILL, pf_flops_eff, pf_bytes, rep.peak_attn,
-                                             rep.mem_bw, _BIG, L), 0.0)
+                                             rep.mem_bw, _BIG, L) + L * prefill_block_time(params, pf_blocks), 0.0)
     return t, n_pre_tok, n_pf, n_pf_last
 
 

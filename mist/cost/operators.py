@@ -7,7 +7,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from .iteration import (WIDE_HEAD_DIM, _windowed_pairs, decode_extra_launches, decode_tile_keys,
-                        decode_wide_time, prefill_block_factor, prefill_blocks, prefill_tile_pairs)
+                        decode_wide_time, prefill_block_factor, prefill_block_time, prefill_blocks,
+                        prefill_tile_pairs)
 from .params import Comm, CostParams, Op
 from .roofline import collective_time, decode_item_keys, gemm_serial_time, kernel_time, waved_items
 
@@ -31,8 +32,8 @@ def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads,
     width = heads * (2.0 * head_dim + params.pair_width[Op.ATTN_PREFILL])  # see iteration_breakdown
     flops_eff = batch * 2.0 * width * prefill_tile_pairs(params, q_len, pairs, heads / kv_heads)
     # the call's thread blocks against the machine (see iteration.prefill_block_factor)
-    flops_eff = flops_eff * prefill_block_factor(params, batch * prefill_blocks(params, q_len, heads, heads / kv_heads),
-                                                 q_len > 1.0)
+    blocks = batch * prefill_blocks(params, q_len, heads, heads / kv_heads)
+    flops_eff = flops_eff * prefill_block_factor(params, blocks, q_len > 1.0)
     kv_tok = 2.0 * kv_heads * head_dim * kv_bytes
     bytes_ = batch * (kv_len * kv_tok + q_len * (2.0 * heads * head_dim * a_bytes + kv_tok))
     # single-token queries run the decode path of the kernel (FlashAttention-2 regroups GQA heads
@@ -41,7 +42,7 @@ def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads,
     extra = jnp.where(one, decode_extra_launches(batch, kv_len, heads / kv_heads, kv_heads, head_dim), 0.0)
     group = jnp.where(one & (heads > kv_heads), params.group_time[Op.ATTN_PREFILL], 0.0)
     return (kernel_time(params, Op.ATTN_PREFILL, flops_eff, bytes_, peak_flops, mem_bw, _BIG, 1.0)
-            + params.split_time[Op.ATTN_PREFILL] * extra + group)
+            + prefill_block_time(params, blocks) + params.split_time[Op.ATTN_PREFILL] * extra + group)
 
 
 def attn_decode_time(params: CostParams, batch, kv_len, heads, kv_heads, head_dim, peak_flops, mem_bw,

@@ -86,13 +86,14 @@ def decode_item_keys(params: CostParams, head_bytes, bandwidth):
     return params.item_time[Op.ATTN_DECODE] * bandwidth * params.memory_eff[Op.ATTN_DECODE] / head_bytes
 
 
-def waved_items(params: CostParams, items):
-    """Decode-attention work items (sequence, KV head) of one call and layer that pay
-    params.item_time: x - w (1 - exp(-x / w)) of x items, w = params.item_wave[ATTN_DECODE]. The
+def waved_items(params: CostParams, items, op: int = Op.ATTN_DECODE):
+    """Attention work items of one call and layer that pay params.item_time[op] (decode: (sequence,
+    KV head) items; prefill: thread blocks, see iteration.prefill_blocks): x - w (1 - exp(-x / w))
+    of x items, w = params.item_wave[op]. The
     items of the first wave run side by side on the SMs while the call's fixed time runs, so their
     fixed work hides (~x^2 / 2w for x << w); beyond a wave each item adds its time (x - w). w -> 0
     charges every item (the form before the wave)."""
-    w = params.item_wave[Op.ATTN_DECODE]
+    w = params.item_wave[op]
     x = jnp.maximum(items, 0.0)
     # "double where": the off value (w ~ 1e-30) would overflow x / w^2 in the gradient
     on = w > 1e-3
