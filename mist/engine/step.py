@@ -462,10 +462,19 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
     cont = is_llm & ~preempting & (n_pf_left == 0) & (decode_only | ~blocked)
 
+    # A lone client (the only enabled one; no pipeline with a second stage) is bounded by arrivals
+    # alone, and an arrival that cannot be admitted before the stretch ends anyway need not end it:
+    # behind a blocked queue (which ends the stretch at its first completion) or while a static or
+    # decode-priority batch runs (which admit into an empty batch only, and an empty batch ends the
+    # stretch). The next step routes it, into the same queue place with the same ready time.
+    multi = (topo.pipeline_pools[:, 1:] >= 0).any() if K > 1 else jnp.asarray(False)
+    lone = (cl.enabled.sum() == 1) & ~multi
+    waits = admit_after_free | (pol == Policy.STATIC) | (pol == Policy.DECODE_PRIORITY)
+    t_before = jnp.where(lone & waits, INF, t_before)
     R = dims.absorb if (W > 1 and tabs is not None and tabs[1] is not None) else 0
     if R > 0:
         ab = _absorb(dims, cl, topo, wl, st, c, n_valid, params, replica, tabs, agg, dts, starts, attn, blocks_j,
-                     times, can=go & cont & (pol == Policy.CHUNKED) & (qrem == 0), s_eff=s_eff)
+                     times, can=go & lone & cont & (pol == Policy.CHUNKED) & (qrem == 0), s_eff=s_eff)
         agg, dts, starts, blocks_j = ab["agg"], ab["dts"], ab["starts"], ab["blocks"]
         pf_at, t_before = ab["pf_at"], jnp.where(ab["can"], ab["a_stop"], t_before)
     else:
@@ -580,8 +589,8 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
             replica, tabs, agg, dts, starts, attn, blocks, times, can, s_eff):
     """Admit the next arrivals inside a decode stretch, exactly as the per-iteration engine would.
 
-    When client c is the only enabled client, no pipeline has a second stage, the policy is chunked
-    prefill and nothing waits in c's queue, an arrival at time a is admitted at the first iteration
+    When (`can`) client c is the only enabled client, no pipeline has a second stage, the policy is
+    chunked prefill and nothing waits in c's queue, an arrival at time a is admitted at the first iteration
     j that starts at or after a (arrivals win ties) and prefills its whole prompt in that iteration
     next to the running decodes. This is done for up to `dims.absorb` arrivals, one per iteration,
     each when, at its iteration, its prompt fits the chunk size and the token budget left by the
@@ -597,9 +606,6 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
     js = jnp.arange(W, dtype=I32)
     jf = js.astype(F64)
     bs, cap = cl.block_size[c], cl.kv_blocks[c]
-    n_enabled = cl.enabled.sum()
-    multi = (topo.pipeline_pools[:, 1:] >= 0).any() if dims.stages > 1 else jnp.asarray(False)
-    can = can & (n_enabled == 1) & ~multi
     idx = st.cursor + jnp.arange(R + 1, dtype=I32)
     rv = idx < n_valid
     rs = jnp.clip(idx, 0, N - 1)
