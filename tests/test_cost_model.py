@@ -562,6 +562,116 @@ def test_gemm_serial_k_loop_floor_by_hand():
     assert close(f(bd["gemm"]), float(np.sum(layers[on] * k[on] * 128 * 4)) / 1e9, rel=1e-3)
     assert close(f(bd["lm_head"]), 64 * 128 * 4 / 1e9, rel=1e-3)  # K = hidden
 
+def test_gemm_split_k_floor_by_hand():
+    # the same GEMM with the K loop split (cuBLAS split-K): the serial time t = 4096 x 128 x 4 B at
+    # 1 GB/s becomes t / sqrt(1 + t / 4 tau) with tau = params.split_time[GEMM] (2 sqrt(t tau) for
+    # long loops); tau ~ 0 (older files) keeps the unsplit floor
+    from mist.cost.operators import gemm_time
+    from mist.cost.roofline import gemm_serial_time
+
+    ph = _phys(ideal_params())
+    tau = 1e-4
+    p = make_params(**ph, serial_bw=[1e9, 1e18, 1e18, 1e18, 1e18], split_time=[tau, 1e-30, 1e-30, 1e-30, 1e-30])
+    t = 4096 * 128 * 4 / 1e9
+    want = t / math.sqrt(1.0 + t / (4.0 * tau))
+    assert close(f(gemm_serial_time(p, 4096.0, 2.0, 2.0)), want, rel=1e-4)
+    assert close(f(gemm_time(p, 4.0, 64.0, 4096.0, 1e15, 3e12)), want, rel=1e-3)
+    off = make_params(**ph, serial_bw=[1e9, 1e18, 1e18, 1e18, 1e18])
+    assert close(f(gemm_serial_time(off, 4096.0, 2.0, 2.0)), t, rel=1e-4)
+    # the iteration cost floors every dense GEMM launch the same way, per layer
+    rep = lower_replica(DENSE, H100)
+    bd = BD(p, rep, batch(decode=[10]))
+    k, layers = np.asarray(rep.gemm_k), np.asarray(rep.gemm_layers)
+    on = (np.asarray(rep.gemm_n) > 0) & (layers > 0)
+    ts = k[on] * 128 * 4 / 1e9
+    assert close(f(bd["gemm"]), float(np.sum(layers[on] * ts / np.sqrt(1 + ts / (4 * tau)))), rel=1e-3)
+    t_lm = 64 * 128 * 4 / 1e9
+    assert close(f(bd["lm_head"]), t_lm / math.sqrt(1 + t_lm / (4 * tau)), rel=1e-3)
+    # gradients stay finite with the split off
+    g = jax.grad(lambda q: gemm_serial_time(q, 4096.0, 2.0, 2.0))(off)
+    assert np.all(np.isfinite(np.asarray(g.log_split_time))) and np.all(np.isfinite(np.asarray(g.log_serial_bw)))
+
+
+def test_decode_width_wave_and_wide_head_terms_by_hand():
+    # (1) a decode call's fixed time grows with the head width: params.width_time per element of
+    # d_qk + d_v per layer (1 ms here: 2 x 16 x 1 ms per layer, 2 layers); not for MLA's own kernel
+    from mist.cost.iteration import decode_stretch_times
+    from mist.cost.operators import attn_decode_time, attn_prefill_time
+    from mist.cost.roofline import waved_items
+
+    ph = _phys(ideal_params())
+    off = [1e-30] * 5
+    rep = lower_replica(DENSE, H100)
+    peak, bw = f(rep.peak_attn), f(rep.mem_bw)
+    w = make_params(**ph, width_time=[1e-30, 1e-30, 1e-3, 1e-30, 1e-30])
+    assert close(f(BD(w, rep, batch(decode=[9, 99]))["attn_decode"]), 2 * 32e-3, rel=1e-3)
+    assert f(BD(w, rep, batch(prefill=[4]))["attn_decode"]) == 0.0
+    assert close(f(attn_decode_time(w, 2.0, 100.0, 4.0, 2.0, 16.0, peak, bw)), 32e-3, rel=1e-3)
+    assert f(attn_decode_time(w, 2.0, 100.0, 4.0, 1.0, 16.0, peak, bw, kv_tok_bytes=64.0)) < 1e-6  # MLA
+    mla = lower_replica(MLA, H100)
+    assert f(BD(w, mla, batch(decode=[9, 99]))["attn_decode"]) < 1e-3
+    # (2) the first wave of (sequence, KV head) items hides their fixed work: x - w (1 - e^(-x/w))
+    # of x items pay item_time (1 ms; w = 2): 2 sequences x 2 KV heads = 4 items -> 2.2707
+    v = make_params(**ph, item_time=[1e-30, 1e-30, 1e-3, 1e-30, 1e-30], item_wave=[1e-30, 1e-30, 2.0, 1e-30, 1e-30])
+    x = 4.0 - 2.0 * (1.0 - math.exp(-2.0))
+    assert close(f(waved_items(v, 4.0)), x, rel=1e-5)
+    assert close(f(BD(v, rep, batch(decode=[9, 99]))["attn_decode"]), 2 * x * 1e-3, rel=1e-3)
+    assert close(f(attn_decode_time(v, 2.0, 100.0, 4.0, 2.0, 16.0, peak, bw)), x * 1e-3, rel=1e-3)
+    assert f(waved_items(ideal_params(), 4.0)) == 4.0  # off: every item pays
+    # (3) heads wider than FlashAttention-3's 256 run another kernel with a time per sequence and
+    # layer, seq_time x n x (1 + n / seq_half) (1 ms, 4 sequences: 2 x 1.5 ms per layer)
+    s = make_params(**ph, seq_time=[1e-30, 1e-30, 1e-3, 1e-30, 1e-30], seq_half=[1e30, 1e30, 4.0, 1e30, 1e30])
+    wide = lower_replica(parse_hf_config(cfg_dense(head_dim=512), name="tiny-wide"), H100)
+    assert close(f(BD(s, wide, batch(decode=[9, 99]))["attn_decode"]), 2 * 3e-3, rel=1e-2)
+    assert f(BD(s, rep, batch(decode=[9, 99]))["attn_decode"]) < 1e-6  # head dim 16: not wide
+    assert close(f(attn_decode_time(s, 2.0, 100.0, 4.0, 2.0, 512.0, peak, bw)), 3e-3, rel=1e-2)
+    assert f(attn_decode_time(s, 2.0, 100.0, 4.0, 2.0, 256.0, peak, bw)) < 1e-5
+    # a stretch charges all three per iteration as the iteration cost does
+    allp = make_params(**ph, width_time=[1e-30, 1e-30, 1e-6, 1e-30, 1e-30], item_time=[1e-30, 1e-30, 1e-6, 1e-30, 1e-30],
+                       item_wave=[1e-30, 1e-30, 3.0, 1e-30, 1e-30], seq_time=[1e-30, 1e-30, 1e-6, 1e-30, 1e-30],
+                       seq_half=[1e30, 1e30, 4.0, 1e30, 1e30])
+    for r in (rep, wide):
+        b = batch(decode=[9, 99, 5])
+        offs = (0.0, 7.0)
+        st = np.asarray(decode_stretch_times(allp, r, b.decode_context, b.decode_mask, jnp.asarray(offs)))
+        it = [f(IT(allp, r, batch(decode=[9 + o, 99 + o, 5 + o]))) for o in offs]
+        assert np.allclose(st, it, rtol=1e-5)
+    # prefill rows are untouched by the decode terms
+    assert f(attn_prefill_time(allp, 2.0, 8.0, 8.0, 4.0, 2.0, 512.0, peak, bw)) == pytest.approx(
+        f(attn_prefill_time(ideal_params(), 2.0, 8.0, 8.0, 4.0, 2.0, 512.0, peak, bw)), rel=1e-6)
+    # off (the default and files written before them existed)
+    d = ideal_params().to_dict()
+    for o in d["ops"].values():
+        del o["width_time_ns"], o["seq_time_us"], o["seq_half"], o["item_wave"]
+    q = CostParams.from_dict(d)
+    assert np.allclose(np.asarray(q.width_time), off, rtol=1e-4)
+    assert np.allclose(np.asarray(q.seq_time), off, rtol=1e-4)
+    assert np.all(np.asarray(q.seq_half) >= 1e29) and np.all(np.asarray(q.item_wave) <= 1e-29)
+
+
+def test_prefill_block_time_by_hand():
+    # every prefill thread block beyond the first wave pays params.item_time[ATTN_PREFILL] (1 ms):
+    # 4 query heads, 2 KV heads, full packing: a 300-token chunk launches 10 blocks, 200 tokens 8
+    import equinox as eqx
+
+    from mist.cost.operators import attn_prefill_time
+
+    ph = _phys(ideal_params())
+    p0 = make_params(**ph)
+    p = make_params(**ph, item_time=[1e-30, 1e-3, 1e-30, 1e-30, 1e-30])
+    op = lambda q, b, n: f(attn_prefill_time(q, n, b, b, 4.0, 2.0, 16.0, 1e12, 1e18))  # noqa: E731
+    assert close(op(p, 300.0, 2.0) - op(p0, 300.0, 2.0), 20e-3, rel=1e-3)
+    rep = eqx.tree_at(lambda r: (r.mem_bw, r.peak_attn), lower_replica(DENSE, H100),
+                      (jnp.asarray(1e18, jnp.float32), jnp.asarray(1e12, jnp.float32)))
+    it = lambda q, pf: f(BD(q, rep, batch(prefill=pf))["attn_prefill"])  # noqa: E731
+    assert close(it(p, [300, 200]) - it(p0, [300, 200]), 2 * 18e-3, rel=1e-3)  # 2 layers
+    # with a first wave of 5 blocks: 18 - 5 (1 - e^(-18/5)) blocks pay
+    pw = make_params(**ph, item_time=[1e-30, 1e-3, 1e-30, 1e-30, 1e-30], item_wave=[1e-30, 5.0, 1e-30, 1e-30, 1e-30])
+    x = 18.0 - 5.0 * (1.0 - math.exp(-18.0 / 5.0))
+    assert close(it(pw, [300, 200]) - it(p0, [300, 200]), 2 * x * 1e-3, rel=1e-3)
+    assert f(BD(p, rep, batch(decode=[5]))["attn_prefill"]) == 0.0  # no prefill chunk: nothing
+
+
 def test_collective_trivial_cases():
     p = default_params()
     for c in (Comm.ALLREDUCE, Comm.ALLGATHER, Comm.ALLTOALL):
