@@ -284,14 +284,16 @@ def test_random_workloads(seed, n, policy, max_num_seqs, rate, kv, replicas):
     assert_same_outputs(outputs(st, n), outputs(out["D1"][1], n), tol=1e-12)
 
 
-@pytest.mark.parametrize("max_num_seqs,kv,rate", [(4, None, 20.0), (2, None, 6.0), (4, 120, 6.0)])
-def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate):
-    """A lone chunked-prefill client admits the next arrivals inside a decode stretch (dims.absorb):
-    fewer scan steps, the same timestamps and iterations as ending every stretch at an arrival, and
-    the reference engine's timestamps (with slots or KV blocks the binding limit too)."""
+@pytest.mark.parametrize("max_num_seqs,kv,rate,out_max", [(4, None, 20.0, 60), (2, None, 6.0, 60), (4, 120, 6.0, 60),
+                                                           (2, None, 60.0, 60), (4, 45, 30.0, 200)])
+def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max):
+    """A lone chunked-prefill client admits waiting queue entries and the next arrivals inside a
+    decode stretch (dims.absorb): fewer scan steps, the same timestamps and iterations as ending
+    every stretch at an arrival or a completion, and the reference engine's timestamps (also with
+    slots or KV blocks the binding limit, a saturated queue, and preemptions)."""
     dep = Deployment.single(MODEL, "h100", policy="chunked", max_num_seqs=max_num_seqs, max_num_batched_tokens=1024,
                             chunk_size=512)
-    reqs = workload(11, 30, rate=rate)
+    reqs = workload(11, 30, rate=rate, out_max=out_max)
     runs = {}
     for absorb in (0, 8):
         lo = lower(dep, reqs, **D16, absorb=absorb)
@@ -306,3 +308,5 @@ def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate):
     ref = ReferenceEngine(lo).run()
     assert_same_outputs(ref_outputs(ref), outputs(st, n))
     assert_invariants(lo, st, ref)
+    if kv == 45:
+        assert ref.preemptions.sum() > 0

@@ -472,15 +472,24 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     waits = admit_after_free | (pol == Policy.STATIC) | (pol == Policy.DECODE_PRIORITY)
     t_before = jnp.where(lone & waits, INF, t_before)
     R = dims.absorb if (W > 1 and tabs is not None and tabs[1] is not None) else 0
+    j_cut = W
     if R > 0:
+        # a lone chunked client admits waiting entries and arrivals inside the stretch (see _absorb):
+        # they, not completions or arrivals, then bound it
+        can = go & lone & is_llm & ~preempting & (n_pf_left == 0) & (pol == Policy.CHUNKED)
+        window = (w_rid_s, w_ready, w_prompt, w_target, w_done, w_pf_target, gen0, w_swapped, qrem, n_admit)
         ab = _absorb(dims, cl, topo, wl, st, c, n_valid, params, replica, tabs, agg, dts, starts, attn, blocks_j,
-                     times, can=go & lone & cont & (pol == Policy.CHUNKED) & (qrem == 0), s_eff=s_eff)
+                     times, can=can, s_eff=s_eff, window=window,
+                     rows_old=(jnp.where(dec1, y + 1, 0).astype(F64), jnp.where(dec1, end, -1)))
         agg, dts, starts, blocks_j = ab["agg"], ab["dts"], ab["starts"], ab["blocks"]
-        pf_at, t_before = ab["pf_at"], jnp.where(ab["can"], ab["a_stop"], t_before)
+        pf_at, j_cut = ab["pf_at"], jnp.where(can, ab["j_cut"], W)
+        t_before = jnp.where(can, INF, t_before)
+        cont = cont | can
+        j_stop = jnp.where(can, W, j_stop)
     else:
         pf_at = no_pf
     n_dec_j = agg[0]
-    ok = (cont & (js <= j_stop) & ((n_dec_j > 0) | pf_at) & ((blocks_j <= cap) | ~is_llm)
+    ok = (cont & (js <= j_stop) & (js < j_cut) & ((n_dec_j > 0) | pf_at) & ((blocks_j <= cap) | ~is_llm)
           & (starts < t_before) & (starts <= t_after) & (starts < pending))
     ok = ok.at[0].set(True)
     k = _prefix_count(ok)[1]
@@ -514,13 +523,13 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     if R > 0:
         # arrivals admitted at iteration jr < k: one token at the end of jr (the prefill's), then one per
         # later iteration up to their target; those that reach it end there
-        jr, P, Tt = ab["j"], ab["prompt"], ab["target"]
+        jr, P, Tt, g0, pft, fq = ab["j"], ab["prompt"], ab["target"], ab["gen0"], ab["pf_target"], ab["from_queue"]
         taken = ab["absorbed"] & (jr < k)
         n_abs = taken.sum().astype(I32)
         a_rid = jnp.where(taken, ab["rid"], N)
-        a_gen = jnp.minimum(Tt, k - jr)
+        a_gen = jnp.minimum(Tt - g0, k - jr)  # tokens made in the stretch
         a_last = ends[jnp.clip(jr + a_gen - 1, 0, W - 1)]
-        a_fin = taken & (a_gen >= Tt)
+        a_fin = taken & (g0 + a_gen >= Tt)
         adm_idx = jnp.concatenate([adm_idx, a_rid])
         adm_stage = jnp.concatenate([adm_stage, jnp.zeros(R, I32)])
         adm_time = jnp.concatenate([adm_time, starts[jnp.clip(jr, 0, W - 1)]])
@@ -531,14 +540,17 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
         t_row_f = jnp.concatenate([t_row, a_last])
         a_order = st.order + n_admit + jnp.arange(R, dtype=I32)
         zr = jnp.zeros(R, I32)
-        rows_all = jnp.concatenate([rows_all, _pack(a_rid, zr, P, P, P, zr, a_gen, Tt, a_order)])
+        rows_all = jnp.concatenate([rows_all, _pack(a_rid, zr, P, pft, pft, zr, g0 + a_gen, Tt, a_order)])
         keep = jnp.concatenate([keep, taken & ~a_fin])
         last_all = jnp.concatenate([last_tok, a_last])
-        # routed here (outstanding += prompt + target) and, for those that finished, gone again
-        abs_tokens, abs_done = _slot_sums(jnp.where(taken & ~a_fin, P + Tt, 0), a_fin)
+        # arrivals routed here (outstanding += prompt + target); those that finished gone again
+        abs_tokens, abs_done, n_abs_q = _slot_sums(jnp.where(taken & ~fq, P + Tt, 0) - jnp.where(a_fin, P + Tt, 0),
+                                                   a_fin, taken & fq)
+        q_head = q_head.at[c].add(n_abs_q)
+        r_preempted = r_preempted.at[jnp.where(taken & fq, a_rid, N)].set(False, mode="drop")
     else:
         rid_f, stage_f, t_row_f, last_all = jnp.where(finished, rid, N), stage, t_row, last_tok
-        abs_tokens = abs_done = 0
+        abs_tokens = abs_done = n_abs_q = 0
     o_first_token = st.o_first_token.at[ft_idx].min(ft_time, mode="drop")
     o_stage_end = st.o_stage_end.at[rid_f, stage_f].set(t_row_f, mode="drop")
     o_stage_start = st.o_stage_start.at[adm_idx, adm_stage].min(adm_time, mode="drop")
@@ -559,7 +571,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
         outstanding=st.outstanding.at[c].add((abs_tokens - fin_tokens).astype(F64)),
         slots=st.slots.at[c].set(slots_c), s_last_tok=st.s_last_tok.at[c].set(last_c),
         q_item=q_item, q_ready=q_ready, q_head=q_head,
-        order=st.order + n_admit + n_abs, cursor=st.cursor + n_abs,
+        order=st.order + n_admit + n_abs, cursor=st.cursor + n_abs - n_abs_q,
         r_gen=r_gen, r_preempted=r_preempted, r_swapped=r_swapped,
         o_first_token=o_first_token, o_preemptions=o_preemptions, o_stage_start=o_stage_start,
         o_stage_end=o_stage_end, o_stage_client=o_stage_client,
@@ -586,57 +598,93 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
 
 
 def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st: EngineState, c, n_valid, params,
-            replica, tabs, agg, dts, starts, attn, blocks, times, can, s_eff):
-    """Admit the next arrivals inside a decode stretch, exactly as the per-iteration engine would.
+            replica, tabs, agg, dts, starts, attn, blocks, times, can, s_eff, window, rows_old):
+    """Admit waiting queue entries and then the next arrivals inside a decode stretch, exactly
+    where the per-iteration engine admits them.
 
     When (`can`) client c is the only enabled client, no pipeline has a second stage, the policy is
-    chunked prefill and nothing waits in c's queue, an arrival at time a is admitted at the first iteration
-    j that starts at or after a (arrivals win ties) and prefills its whole prompt in that iteration
-    next to the running decodes. This is done for up to `dims.absorb` arrivals, one per iteration,
-    each when, at its iteration, its prompt fits the chunk size and the token budget left by the
-    decodes, a slot is free, and the KV blocks fit (the stretch's upper bound plus the rows admitted
-    before it). The first arrival that cannot be admitted so ends the stretch before its iteration
-    (as every arrival does without this), and the next step routes it.
+    chunked prefill and iteration 0 left no prefill running, the candidates are the queue entries
+    iteration 0 did not admit (in queue order), then the next arrivals. Candidate r (ready at a_r)
+    may be admitted at iteration j >= 1 once it is there (s_j >= a_r; arrivals win ties), a slot is
+    free and the token budget is not used up: that is its iteration j_r. It is admitted there, in one
+    prefill chunk next to the running decodes, when j_r is after the previous candidate's iteration
+    (one admission per iteration), its whole prompt fits the chunk size and the budget, its KV
+    blocks fit under the stretch's upper bound (plus the blocks of the rows admitted before it), and
+    it would not be rejected. The first candidate that cannot be so admitted ends the stretch before
+    its j_r (`j_cut`; the next step admits it, or not, exactly); so does candidate `dims.absorb`.
 
-    Arrivals are taken one after another: each one's prefill iteration and later decodes change the
-    iteration times and so where the next one lands. The mixed iteration is costed with the same
+    Candidates are taken one after another: each one's prefill iteration and later decodes change
+    the iteration times and so where the next one lands. The mixed iteration is costed with the same
     pieces as `iteration_time` (GEMM-side parts read from tables over the token count), so a per-
     iteration run gives the same durations."""
     R, W, N = dims.absorb, dims.stretch, dims.num_requests
     js = jnp.arange(W, dtype=I32)
     jf = js.astype(F64)
     bs, cap = cl.block_size[c], cl.kv_blocks[c]
-    idx = st.cursor + jnp.arange(R + 1, dtype=I32)
+    M, H = cl.max_batched_tokens[c], cl.chunk_size[c]
+    # ---- candidates 0..R (R: only bounds the stretch): queue entries after iteration 0's admissions
+    # (from the admission window), then arrivals from the cursor
+    w_rid, w_ready, w_prompt, w_target, w_done, w_pf_target, gen0, w_swapped, qrem, n_admit = window
+    A = w_rid.shape[0]
+    r = jnp.arange(R + 1, dtype=I32)
+    from_q = r < qrem
+    qpos = n_admit + r
+    in_win = from_q & (qpos < A)
+    qp = jnp.clip(qpos, 0, A - 1)
+    idx = st.cursor + jnp.maximum(r - qrem, 0)
     rv = idx < n_valid
     rs = jnp.clip(idx, 0, N - 1)
-    arr = jnp.where(rv, wl.arrival[rs], INF)
-    rid, rv, rs = idx[:R], rv[:R], rs[:R]
     pipe = wl.pipeline[rs]
     pool = topo.pipeline_pools[pipe, 0]
     member = (pool >= 0) & topo.pool_members[jnp.clip(pool, 0, dims.pools - 1), c]
-    P, Tt = _stage_shape(cl, topo, wl, rs, jnp.zeros(R, I32), c)
-    cached = jnp.minimum(wl.cached_tokens[rs], jnp.maximum(P - 1, 0))
-    need = P - cached
+    P_a, T_a = _stage_shape(cl, topo, wl, rs, jnp.zeros(R + 1, I32), c)
+    cached_a = jnp.minimum(wl.cached_tokens[rs], jnp.maximum(P_a - 1, 0))
+    arrival_ok = rv & member & (P_a + T_a <= cl.max_model_len[c]) & (_cdiv(P_a + T_a, bs) <= cap)
+    rid = jnp.where(from_q, w_rid[qp], idx)
+    ready = jnp.where(from_q, jnp.where(in_win, w_ready[qp], -INF), jnp.where(rv, wl.arrival[rs], INF))
+    prompt = jnp.where(from_q, w_prompt[qp], P_a)  # the stage's prompt (a slot's `prompt`)
+    target = jnp.where(from_q, w_target[qp], T_a)
+    g0 = jnp.where(from_q, gen0[qp], 0)  # tokens made before a preemption
+    done0 = jnp.where(from_q, w_done[qp], cached_a)
+    pf_t = jnp.where(from_q, w_pf_target[qp], P_a)  # KV tokens once prefilled
+    need = pf_t - done0
+    fits = (jnp.where(from_q, in_win & (w_swapped[qp] == 0), arrival_ok) & (target - g0 >= 1) & (need <= H)
+            & (need >= 1) & (r < R))
+    emits = topo.stage_emits[wl.pipeline[jnp.clip(rid, 0, N - 1)], 0]
+    known = jnp.where(from_q, in_win, arrival_ok)  # an entry whose KV blocks are known (and that is queued)
+    pf_blocks = _cdiv(pf_t, bs)
     TT = tabs[1]["gemm"].shape[-1] - 1
-    fits = (rv & member & (Tt >= 1) & (P + Tt <= cl.max_model_len[c]) & (_cdiv(P + Tt, bs) <= cap)
-            & (need <= cl.chunk_size[c]))
-    pf_blocks = _cdiv(P, bs)
-    one = jnp.ones((R, 1), bool)
-    t_pf = prefill_attention(params, replica, need[:, None].astype(F64), cached[:, None].astype(F64), one, one)[0]
+    one = jnp.ones((R + 1, 1), bool)
+    t_pf = prefill_attention(params, replica, need[:, None].astype(F64), done0[:, None].astype(F64), one, one)[0]
     tok_tab = {k: v[c] for k, v in tabs[1].items()}
     smp_tab = {k: v[c] for k, v in tabs[2].items()}
     tile = params.m_half[Op.ATTN_DECODE]
     win = jnp.where(replica.window > 0, jnp.maximum(replica.window, tile), 1e30)
 
     def admit_one(r, carry):
-        agg, dts, starts, attn, pf_cost, pf_at, blk_abs, alive, j_prev, a_stop, j_out, ok_out = carry
+        agg, dts, starts, attn, pf_cost, pf_at, blk_abs, comp, alive, j_prev, need_prev, j_cut, j_out, ok_out = carry
         n, c_low, keys_mid, c_high, keys_high, longest = agg
-        jr = jnp.sum(starts < arr[r]).astype(I32)  # the first iteration starting at or after the arrival
+        # where the per-iteration engine would first consider admitting it (slot free, budget left)
+        same = (js == j_prev) & (j_prev > 0)
+        n_i = n.astype(I32) + same
+        maybe = ((js >= jnp.maximum(j_prev, 1)) & (starts >= ready[r]) & (n_i < s_eff)
+                 & (M - n.astype(I32) - same * need_prev > 0))
+        jr = _prefix_count(~maybe)[1]  # first such iteration (W: none)
         jc = jnp.clip(jr, 0, W - 1)
         nr = n[jc].astype(I32)
         T_tok = nr + need[r]
-        ok_r = (alive & fits[r] & (jr < W) & (jr > j_prev) & (need[r] <= cl.max_batched_tokens[c] - nr)
-                & (nr < s_eff) & (T_tok <= TT) & (blocks[jc] + blk_abs[jc] + pf_blocks[r] <= cap))
+        # KV blocks at jr, exactly: the rows decoding then (old rows with their last iteration >= jr,
+        # and rows admitted before) and this one's prompt
+        held = sum_rows(jnp.where(old_end >= jr, jnp.ceil((old_y1 + jc) / bs), 0.0))[0].astype(I32)
+        kv_ok = held + blk_abs[jc] + pf_blocks[r] <= cap
+        ok_r = (alive & fits[r] & (jr < W) & (jr > j_prev) & (need[r] <= M - nr) & (T_tok <= TT) & kv_ok)
+        # not admitted there: the stretch ends before jr (where the per-iteration engine admits it,
+        # perhaps with a partial chunk), or, when its KV blocks do not fit at jr (it is not admitted
+        # there, whatever else), before the first iteration it could be considered in after a
+        # completion at or after jr (until a row ends, the blocks held only grow)
+        after = _prefix_count(~(comp & (js >= jr)))[1]  # the first completion at or after jr
+        jr2 = _prefix_count(~(maybe & (js > after)))[1]
+        j_cut = jnp.where(alive & ~ok_r, jnp.where(known[r] & ~kv_ok & (jr < W), jr2, jr), j_cut)
         # the mixed iteration: iteration_time's parts in its order of sums
         ti = jnp.clip(T_tok, 0, TT)
         ns = jnp.clip(nr + 1, 0, smp_tab["lm_head"].shape[-1] - 1)
@@ -648,32 +696,34 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
         at = ok_r & (js == jr)
         pf_cost = jnp.where(at, mixed, pf_cost)
         pf_at = pf_at | at
-        # its decodes: iterations jr + 1 .. jr + Tt - 1, attending to P + (j - jr) keys
-        on = ok_r & (js > jr) & (js <= jr + Tt[r] - 1)
-        att = (P[r] - jr).astype(F64) + jf
+        # its decodes: iterations jr + 1 .. jr + (target - g0) - 1, attending to pf_t + (j - jr) keys
+        on = ok_r & (js > jr) & (js <= jr + target[r] - g0[r] - 1)
+        att = (pf_t[r] - jr).astype(F64) + jf
         low = on & (att < tile)
         high = on & (att > win)
         mid = on & ~low & ~high
         agg = (n + on, c_low + low, keys_mid + jnp.where(mid, att, 0.0), c_high + high,
                keys_high + jnp.where(high, att, 0.0), jnp.maximum(longest, jnp.where(on, att, -1e30)))
-        blk_abs = blk_abs + jnp.where(at, pf_blocks[r], 0) + jnp.where(on, _cdiv(P[r] + js - jr + 1, bs), 0)
-        a_stop = jnp.where(alive & ok_r, arr[r + 1], a_stop)
+        blk_abs = blk_abs + jnp.where(at, pf_blocks[r], 0) + jnp.where(on, _cdiv(pf_t[r] + js - jr + 1, bs), 0)
+        comp = comp | (ok_r & (js == jr + target[r] - g0[r] - 1))
         j_out, ok_out = j_out.at[r].set(jr), ok_out.at[r].set(ok_r)
-        dts, starts, attn = times(agg, pf_cost, pf_at)
-        return (agg, dts, starts, attn, pf_cost, pf_at, blk_abs, alive & ok_r, jnp.where(ok_r, jr, j_prev), a_stop,
-                j_out, ok_out)
+        dts, starts, attn = jax.lax.cond(ok_r, lambda: times(agg, pf_cost, pf_at), lambda: (dts, starts, attn))
+        return (agg, dts, starts, attn, pf_cost, pf_at, blk_abs, comp, alive & ok_r, jnp.where(ok_r, jr, j_prev),
+                jnp.where(ok_r, need[r], need_prev), j_cut, j_out, ok_out)
 
-    # a loop, not unrolled: the passes are sequential anyway, and one compiled body keeps compile time down
-    carry = (agg, dts, starts, attn, jnp.zeros(W, F64), jnp.zeros(W, bool), jnp.zeros(W, I32), can, jnp.int32(0),
-             arr[0], jnp.zeros(R, I32), jnp.zeros(R, bool))
-    # (passes after the first arrival that cannot be admitted would change nothing and are skipped;
-    # a fori_loop of conds rather than a while_loop, which reverse-mode differentiation cannot run)
-    carry = jax.lax.fori_loop(0, R, lambda r, cr: jax.lax.cond(cr[7], admit_one, lambda r_, c_: c_, r, cr), carry)
-    agg, dts, starts, attn, pf_cost, pf_at, blk_abs, alive, j_prev, a_stop, j_out, ok_out = carry
-    emits = topo.stage_emits[pipe, 0]
+    # a loop, not unrolled (one compiled body keeps compile time down); passes after the first
+    # candidate that cannot be admitted change nothing and are skipped (a fori_loop of conds rather
+    # than a while_loop, which reverse-mode differentiation cannot run)
+    old_y1, old_end = rows_old
+    comp = jnp.zeros(W, bool).at[jnp.where(old_end >= 1, old_end, W).astype(I32)].set(True, mode="drop")
+    carry = (agg, dts, starts, attn, jnp.zeros(W, F64), jnp.zeros(W, bool), jnp.zeros(W, I32), comp, can,
+             jnp.int32(0), jnp.int32(0), jnp.int32(W), jnp.zeros(R + 1, I32), jnp.zeros(R + 1, bool))
+    carry = jax.lax.fori_loop(0, R + 1, lambda r, cr: jax.lax.cond(cr[8], admit_one, lambda r_, c_: c_, r, cr), carry)
+    agg, dts, starts, attn, pf_cost, pf_at, blk_abs, comp, alive, j_prev, need_prev, j_cut, j_out, ok_out = carry
     return {"agg": agg, "dts": dts, "starts": starts, "blocks": blocks + blk_abs, "pf_at": pf_at, "can": can,
-            "a_stop": a_stop, "j": j_out, "absorbed": ok_out, "rid": rid, "prompt": P,
-            "target": Tt, "emits": emits}
+            "j_cut": j_cut, "j": j_out[:R], "absorbed": ok_out[:R], "rid": rid[:R], "prompt": prompt[:R],
+            "pf_target": pf_t[:R], "target": target[:R], "gen0": g0[:R], "from_queue": from_q[:R],
+            "emits": emits[:R]}
 
 
 def _materialise(*xs):
