@@ -152,15 +152,13 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     C, K, P, NP = dm("num_clients", "clients"), dm("stages", "stages"), dm("pools", "pools"), dm("pipelines", "pipelines")
     S = max([int(np.max(np.asarray(lo.clients.max_num_seqs))) for lo in los] + [md.get("slots", 0), 1])
     N = max([len(w["arrival"]) for w in wl_arrays] + [md.get("requests", 0), 1])
-    # arrivals admitted inside stretches serve only configs with one client; their tables span the
-    # largest token budget among those (at most EngineDims' default)
-    lone = [lo for lo in los if len(lo.client_names) == 1]
-    absorb = EngineDims._field_defaults["absorb"] if lone else 0
-    tt = EngineDims._field_defaults["absorb_tokens"]
-    tt = min([tt, max([int(np.max(np.asarray(lo.clients.max_batched_tokens))) for lo in lone] + [1])])
+    # no admissions inside stretches (EngineDims.absorb) in vmapped sweeps: a batch runs as many steps
+    # as its slowest config, which in the sweeps measured is bound by decode iterations (stretch
+    # length), not by arrivals or completions, while under vmap every admission pass runs for every
+    # config (experiments/bench_sweep.py, 16 configs x 1k requests: 1,870 -> 1,678 steps, 2.3 -> 7.0 s)
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=int(min(window or min(S, 64), S)),
                       queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP,
-                      absorb=absorb, absorb_tokens=tt)
+                      absorb=0)
     clients = uniform_swap([pad_clients(_host(lo.clients), C) for lo in los])
     topos = [pad_topology(_host(lo.topology), C, P, NP, K) for lo in los]
     wls = [_host(lower_workload(w, N)) for w in wl_arrays]
