@@ -515,14 +515,14 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     ft_idx = jnp.where(makes_token & emits, rid, N)
     ft_time = jnp.full(S, ends[0], F64)
     finished = ends_stage & (gen >= target) & go
-    # admissions of this step (queue window, then arrivals admitted in the stretch): stage 0.. starts
+    # admissions of this step (iteration 0's, then those inside the stretch): stage starts
     adm_idx, adm_stage, adm_time = ar, w_stage, jnp.full(A, t, F64)
     n_abs = 0
     rows_all = _pack(rid, stage, prompt, done, pf_target, prefill, gen, target, order)
     keep = active & ~finished
     if R > 0:
-        # arrivals admitted at iteration jr < k: one token at the end of jr (the prefill's), then one per
-        # later iteration up to their target; those that reach it end there
+        # candidates admitted at iteration jr < k: one token at the end of jr (the prefill's), then one
+        # per later iteration up to their target; those that reach it end there
         jr, P, Tt, g0, pft, fq = ab["j"], ab["prompt"], ab["target"], ab["gen0"], ab["pf_target"], ab["from_queue"]
         taken = ab["absorbed"] & (jr < k)
         n_abs = taken.sum().astype(I32)
@@ -559,7 +559,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # tokens leaving the client (least-outstanding routing) and requests completing (no next stage)
     fin_tokens, n_completes = _slot_sums(jnp.where(finished, prompt + target, 0), finished & ~has_next)
 
-    # ---- compact: running slots first, in admission order (arrivals admitted in the stretch last)
+    # ---- compact: running slots first, in admission order (those admitted in the stretch last)
     dest = jnp.where(keep, jnp.cumsum(keep) - 1, S)
     slots_c = jnp.broadcast_to(jnp.asarray(EMPTY_SLOT, I32), (S, rows_all.shape[-1])).at[dest].set(rows_all, mode="drop")
     last_c = jnp.zeros(S, F64).at[dest].set(last_all, mode="drop")
@@ -609,9 +609,11 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
     free and the token budget is not used up: that is its iteration j_r. It is admitted there, in one
     prefill chunk next to the running decodes, when j_r is after the previous candidate's iteration
     (one admission per iteration), its whole prompt fits the chunk size and the budget, its KV
-    blocks fit under the stretch's upper bound (plus the blocks of the rows admitted before it), and
-    it would not be rejected. The first candidate that cannot be so admitted ends the stretch before
-    its j_r (`j_cut`; the next step admits it, or not, exactly); so does candidate `dims.absorb`.
+    blocks fit next to the blocks the decoding rows hold at j_r (counted exactly), and it would not
+    be rejected. The first candidate that cannot be so admitted ends the stretch before its j_r
+    (`j_cut`; the next step admits it, or not, exactly), or, when only its KV blocks kept it out
+    (it then waits for a completion), before the first iteration it could be considered in after
+    the next completion; candidate `dims.absorb` bounds the stretch the same way.
 
     Candidates are taken one after another: each one's prefill iteration and later decodes change
     the iteration times and so where the next one lands. The mixed iteration is costed with the same
