@@ -66,16 +66,20 @@ class CostParams(eqx.Module):
         decode attention, a kernel that runs one block per (sequence, KV head) without splitting
         the context (FlashAttention-2 on MHA models): a floor of (longest context) x (one head's KV
         bytes per token) / serial_bw; GEMM, the K loop of one output tile (roofline.gemm_serial_bytes)
-      log_item_time: decode attention only: log seconds of fixed work per (sequence, KV head, layer)
+      log_item_time: decode attention: log seconds of fixed work per (sequence, KV head, layer)
         work item as the whole device pipelines them (a thread block's latency over the blocks
         resident at once): the block-table walk, query load, softmax merge and output store that
         every item pays however short its context; charged as the keys one head streams in that
-        time (see mist.cost.iteration.decode_tile_keys)
-      log_split_time: decode attention only: log seconds of the second kernel that a GQA decode call
+        time (see mist.cost.iteration.decode_tile_keys). Prefill attention: log seconds per thread
+        block (query tile) and layer, the same fixed work of a block however few keys it visits
+        (mist.cost.iteration.prefill_block_time). Both beyond the first wave (log_item_wave)
+      log_split_time: attention: log seconds of the second kernel that a GQA decode call
         launches per layer when it splits the context or regroups its heads (FlashAttention-2: the
         split-KV combine kernel, the copies of the head-regrouped query and output; see
         mist.cost.iteration.decode_extra_launches); fitted per device, ~0 where the kernels do not
-        launch that way
+        launch that way. GEMM: the time tau per split of reducing a split-K GEMM's partial tiles,
+        which turns the K-loop floor t into t / sqrt(1 + t / 4 tau) (mist.cost.roofline.gemm_serial_time;
+        ~0: no split, the floor t)
       log_group_time: attention: log seconds per layer that a GQA call's head-regrouped single-token
         path takes beyond an MHA call's fixed time (FlashAttention-2 runs a KV group's query heads as
         the rows of one query tile, from reshaped query, output and softmax statistics); fitted per
@@ -101,8 +105,8 @@ class CostParams(eqx.Module):
         pays a time per sequence and layer that does not overlap across sequences:
         seq_time x n x (1 + n / seq_half) for a call of n sequences (see
         mist.cost.iteration.decode_wide_time); fitted per device, off where no such rows exist
-      log_item_wave: decode attention only: log of the work items (sequence, KV head) that run
-        concurrently in a call's first wave and whose fixed work hides under the call's fixed time:
+      log_item_wave: attention: log of the work items (decode: (sequence, KV head); prefill: thread
+        blocks) that run concurrently in a call's first wave and whose fixed work hides under the call's fixed time:
         a call of x items per layer pays item_time for x - w (1 - exp(-x / w)) of them (~x^2 / 2w
         below a wave, x - w above; see mist.cost.roofline.waved_items); ~0 (off) in files written
         before it
