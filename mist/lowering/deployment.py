@@ -188,8 +188,8 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
           pipelines: int | None = None, absorb: int | None = None, absorb_tokens: int | None = None) -> Lowered:
     """Lower a deployment and a workload to engine arrays. Capacities (slots, clients, stages ...)
     may be raised above what this deployment needs so that several configs share one program.
-    `absorb`, `absorb_tokens`: see `EngineDims` (defaults there; independent of the deployment, so
-    that configs lowered alike can be stacked)."""
+    `absorb`, `absorb_tokens`: see `EngineDims` (defaults there; `absorb` is 0 for deployments of
+    more than one client, where it cannot apply; `stack_lowered` reconciles it)."""
     if not dep.clients:
         raise SpecError(dep.name, "clients", "no clients", "add at least one client")
     if any(c.stage is not None for c in dep.clients):
@@ -366,6 +366,9 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
     N = int(wl.arrival.shape[0])
     A = int(min(window or min(S, 64), S))
     Q = int(queue or default_queue(N))
+    # admissions inside stretches serve a lone client only: compiled in only then (or when asked)
+    if absorb is None and (len(dep.clients) > 1 or stretch <= 1):
+        absorb = 0
     extra = {k: int(v) for k, v in (("absorb", absorb), ("absorb_tokens", absorb_tokens)) if v is not None}
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=A, queue=Q, stages=K, stretch=max(stretch, 1),
                       pools=P, pipelines=NP, **extra)
@@ -376,9 +379,12 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
 
 def stack_lowered(items: list[Lowered]) -> Lowered:
     """Stack lowered configs (same dims) along a leading axis, for vmapped runs."""
-    dims = items[0].dims
+    # admissions inside stretches (EngineDims.absorb) change the program, not the arrays: one
+    # config that uses them turns them on for all (they are inert where they cannot apply)
+    absorb = max(it.dims.absorb for it in items)
+    dims = items[0].dims._replace(absorb=absorb)
     for it in items:
-        if it.dims != dims:
+        if it.dims._replace(absorb=absorb) != dims:
             raise ValueError("configs must be lowered to the same capacities to be stacked")
     st = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
     return Lowered(dims=dims, clients=st(uniform_swap([i.clients for i in items])),
