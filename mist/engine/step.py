@@ -654,6 +654,7 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
             & (need >= 1) & (r < R))
     emits = topo.stage_emits[wl.pipeline[jnp.clip(rid, 0, N - 1)], 0]
     known = jnp.where(from_q, in_win, arrival_ok)  # an entry whose KV blocks are known (and that is queued)
+    no_budget = (need <= 0) | (from_q & ~in_win)
     pf_blocks = _cdiv(pf_t, bs)
     TT = tabs[1]["gemm"].shape[-1] - 1
     one = jnp.ones((R + 1, 1), bool)
@@ -669,8 +670,10 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
         # where the per-iteration engine would first consider admitting it (slot free, budget left)
         same = (js == j_prev) & (j_prev > 0)
         n_i = n.astype(I32) + same
+        # (an entry with nothing to prefill, e.g. swapped back in whole, needs no budget; one outside the
+        # admission window is assumed to need none: an earlier j only ends the stretch earlier)
         maybe = ((js >= jnp.maximum(j_prev, 1)) & (starts >= ready[r]) & (n_i < s_eff)
-                 & (M - n.astype(I32) - same * need_prev > 0))
+                 & ((M - n.astype(I32) - same * need_prev > 0) | no_budget[r]))
         jr = _prefix_count(~maybe)[1]  # first such iteration (W: none)
         jc = jnp.clip(jr, 0, W - 1)
         nr = n[jc].astype(I32)
