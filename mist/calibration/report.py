@@ -167,7 +167,7 @@ the same): 10.8/14.9/24.9% and 9.6/20.0/28.6% two rounds earlier, all-reduce 23.
   Before this round: a fixed time per
   (sequence, KV head, layer) work item (`CostParams.item_time`, charged as the keys one head streams
   in that time: `mist.cost.roofline.decode_item_keys`, added per sequence and layer in
-  `mist.cost.iteration.layer_keys` and `mist.cost.operators.attn_decode_time`). At batch 512-2048 and
+  `mist.cost.iteration.decode_attention_from_aggregates` and `mist.cost.operators.attn_decode_time`). At batch 512-2048 and
   2-4 keys per sequence, AIConfigurator's FlashAttention-3 rows take 18-20 ns per item at head dim 64,
   25-28 at 128 and 34-36 at 256 (A100 FlashAttention-2: ~32 ns for MHA), i.e. a fixed ~12 ns plus a KV
   tile that scales with the head width; the old per-sequence tile alone (keys x KV bytes) scaled the

@@ -235,22 +235,10 @@ def decode_attention_from_aggregates(params: CostParams, rep: Replica, n, c_low,
                         serial_bytes=serial) + decode_split_time(params, rep, n, longest))
 
 
-def layer_keys(params: CostParams, rep: Replica, att):
-    """Keys, summed over the layers, that decode attention reads for a sequence attending to `att`
-    keys (incl. the new token): at least one KV tile per layer (see decode_tile_keys), sliding-window
-    layers capped at the window, plus per layer the keys that stand for the fixed work of each of
-    the sequence's KV heads (see roofline.decode_item_keys)."""
-    tile = params.m_half[Op.ATTN_DECODE]
-    item = decode_item_keys(params, rep.kv_bytes * (rep.d_qk_decode + rep.d_v_decode), rep.mem_bw)
-    full = jnp.maximum(att, tile) + item
-    win = jnp.clip(att, tile, jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)) + item
-    return (rep.num_layers - rep.sliding_layers) * full + rep.sliding_layers * win
-
-
 def serial_keys(params: CostParams, rep: Replica, att):
     """Keys, summed over the layers, that one thread block of an unsplit (MHA) decode kernel streams
     for the sequence attending to `att` keys: its context (sliding-window layers capped at the
-    window) plus the fixed work of its item (see layer_keys), without the KV tile floor, which a
+    window) plus the fixed work of its item (see decode_attention_from_aggregates), without the KV tile floor, which a
     short context's block streams while the launch's fixed time runs (see Replica.kv_bytes_serial)."""
     item = decode_item_keys(params, rep.kv_bytes * (rep.d_qk_decode + rep.d_v_decode), rep.mem_bw)
     a = jnp.maximum(att, 0.0)
@@ -485,7 +473,8 @@ def prefill_attention(params: CostParams, rep: Replica, tokens, context, last, m
     width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
     pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs, rep.q_per_kv)
                     + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
-    kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q, jnp.where(rep.window > 0, rep.window + q, _BIG))
+    kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q,
+                                                                         jnp.where(rep.window > 0, rep.window + q, _BIG))
     # per pair: the dot products plus the work that does not scale with the head width (softmax)
     n_pre_tok, n_pf, n_pf_last, pf_flops_eff, pf_bytes, pf_blocks = sum_rows(
         q, pm, pm * last.astype(jnp.float32),
