@@ -262,9 +262,16 @@ def decode_stretch(params: CostParams, rep: Replica, context, first, last, itera
     caller that costs many stretches of one replica (the engine: float64 powers per iteration
     would dominate its step otherwise); the same numbers, looked up instead of recomputed."""
     agg = stretch_aggregates(params, rep, context, first, last, iterations)
+    return decode_times_from_aggregates(params, rep, agg, dense_table)[0], agg[0]
+
+
+def decode_times_from_aggregates(params: CostParams, rep: Replica, agg, dense_table=None):
+    """(times, attention times) of decode-only iterations from their `decode_aggregates` (elementwise
+    over iterations): the non-attention part (`decode_dense_lookup`) plus decode attention; 0 for an
+    iteration without rows."""
     n = agg[0]
     attn = decode_attention_from_aggregates(params, rep, *agg)
-    return jnp.where(n > 0, decode_dense_lookup(params, rep, n, dense_table) + attn, 0.0), n
+    return jnp.where(n > 0, decode_dense_lookup(params, rep, n, dense_table) + attn, 0.0), attn
 
 
 def decode_dense_lookup(params: CostParams, rep: Replica, n, dense_table=None):
@@ -455,9 +462,16 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     n_sample = n_pf_last + n_dec
     # ---- decode attention (paged, memory bound)
     t_attn_d = decode_attention_time(params, rep, batch.decode_context, dm)
-    d = dense_parts(params, rep, T, n_sample, n_seq)
-    return {"gemm": d["gemm"], "attn_prefill": t_attn_p, "attn_decode": t_attn_d, "moe": d["moe"],
-            "elementwise": d["elementwise"], "lm_head": d["lm_head"], "comm": d["comm"], "cpu": d["cpu"]}
+    return breakdown(dense_parts(params, rep, T, n_sample, n_seq), t_attn_p, t_attn_d)
+
+
+def breakdown(dense: dict, attn_prefill, attn_decode) -> dict[str, Float[Array, "..."]]:
+    """An iteration's parts from `dense_parts` (or `dense_combine`) and its two attention times, in
+    the order `iteration_time` sums them (a caller that assembles the parts itself, as the engine
+    does for a mixed iteration inside a stretch, gets the same sum)."""
+    return {"gemm": dense["gemm"], "attn_prefill": attn_prefill, "attn_decode": attn_decode, "moe": dense["moe"],
+            "elementwise": dense["elementwise"], "lm_head": dense["lm_head"], "comm": dense["comm"],
+            "cpu": dense["cpu"]}
 
 
 def prefill_attention(params: CostParams, rep: Replica, tokens, context, last, mask):

@@ -12,10 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..cost.iteration import (MixedBatch, decode_attention_from_aggregates, decode_dense_lookup, decode_dense_time,
+from ..cost.iteration import (MixedBatch, breakdown, decode_aggregates, decode_dense_time, decode_times_from_aggregates,
                               dense_combine, dense_sample_pieces, dense_token_pieces, iteration_time,
                               prefill_attention, stretch_aggregates, sum_rows)
-from ..cost.params import Op
 from .state import EMPTY_SLOT, INF, SLOT_FIELDS, EngineState
 from .tables import ClientTable, EngineDims, Kind, Policy, Reject, Role, Router, Topology, Workload
 
@@ -190,6 +189,12 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
                        completed=st.completed + rejected.sum().astype(I32))
 
 
+def _multi_stage(dims: EngineDims, topo: Topology):
+    """Whether some pipeline has a second stage (decided by the pipelines' data, not by the stage
+    capacity, so padding never changes results)."""
+    return (topo.pipeline_pools[:, 1:] >= 0).any() if dims.stages > 1 else jnp.asarray(False)
+
+
 def eqx_replace(st: EngineState, **kw) -> EngineState:
     import dataclasses
 
@@ -206,8 +211,7 @@ def arrival_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload
     t_first = wl.arrival[jnp.clip(st.cursor, 0, dims.num_requests - 1)]
     # with multi-stage pipelines only arrivals at the first one's time: an arrival queued before its
     # time would block, in its FIFO queue, hand-offs that become ready earlier (head of line)
-    # (decided by the pipelines' data, not by the stage capacity, so padding never changes results)
-    multi = (topo.pipeline_pools[:, 1:] >= 0).any() if dims.stages > 1 else False
+    multi = _multi_stage(dims, topo)
     t_lim = jnp.where(multi, t_first, jnp.maximum(t_limit, t_first))
     due = (idx < n_valid) & (wl.arrival[idx_s] <= t_lim)
     due, n_due = _prefix_count(due)
@@ -421,9 +425,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
 
     def times(agg, pf_cost, pf_at):
         """Iteration durations (rounded to ns, with step noise) and decode attention, per iteration."""
-        n = agg[0]
-        attn = decode_attention_from_aggregates(params, replica, *agg)
-        dt_dec = jnp.where(n > 0, decode_dense_lookup(params, replica, n, dec_tab) + attn, 0.0)
+        dt_dec, attn = decode_times_from_aggregates(params, replica, agg, dec_tab)
         dts_llm = jnp.where(pf_at, pf_cost, jnp.where(decode_only | (js > 0), dt_dec, dt_general))
         dts = jnp.where(is_llm, dts_llm, dt_server).astype(F64) * noise + swap_s
         dts = _quantise_ns(dts)
@@ -467,8 +469,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # behind a blocked queue (which ends the stretch at its first completion) or while a static or
     # decode-priority batch runs (which admit into an empty batch only, and an empty batch ends the
     # stretch). The next step routes it, into the same queue place with the same ready time.
-    multi = (topo.pipeline_pools[:, 1:] >= 0).any() if K > 1 else jnp.asarray(False)
-    lone = (cl.enabled.sum() == 1) & ~multi
+    lone = (cl.enabled.sum() == 1) & ~_multi_stage(dims, topo)
     waits = admit_after_free | (pol == Policy.STATIC) | (pol == Policy.DECODE_PRIORITY)
     t_before = jnp.where(lone & waits, INF, t_before)
     R = dims.absorb if (W > 1 and tabs is not None and tabs[1] is not None) else 0
@@ -661,8 +662,6 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
     t_pf = prefill_attention(params, replica, need[:, None].astype(F64), done0[:, None].astype(F64), one, one)[0]
     tok_tab = {k: v[c] for k, v in tabs[1].items()}
     smp_tab = {k: v[c] for k, v in tabs[2].items()}
-    tile = params.m_half[Op.ATTN_DECODE]
-    win = jnp.where(replica.window > 0, jnp.maximum(replica.window, tile), 1e30)
 
     def admit_one(r, carry):
         agg, dts, starts, attn, pf_cost, pf_at, blk_abs, comp, alive, j_prev, need_prev, j_cut, j_out, ok_out = carry
@@ -695,20 +694,16 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
         ns = jnp.clip(nr + 1, 0, smp_tab["lm_head"].shape[-1] - 1)
         d = dense_combine(params, {k: v[ti] for k, v in tok_tab.items()}, {k: v[ns] for k, v in smp_tab.items()},
                           T_tok.astype(F64), (nr + 1).astype(F64))
-        mixed = sum({"gemm": d["gemm"], "attn_prefill": t_pf[r], "attn_decode": attn[jc], "moe": d["moe"],
-                     "elementwise": d["elementwise"], "lm_head": d["lm_head"], "comm": d["comm"],
-                     "cpu": d["cpu"]}.values())
+        mixed = sum(breakdown(d, t_pf[r], attn[jc]).values())
         at = ok_r & (js == jr)
         pf_cost = jnp.where(at, mixed, pf_cost)
         pf_at = pf_at | at
         # its decodes: iterations jr + 1 .. jr + (target - g0) - 1, attending to pf_t + (j - jr) keys
         on = ok_r & (js > jr) & (js <= jr + target[r] - g0[r] - 1)
         att = (pf_t[r] - jr).astype(F64) + jf
-        low = on & (att < tile)
-        high = on & (att > win)
-        mid = on & ~low & ~high
-        agg = (n + on, c_low + low, keys_mid + jnp.where(mid, att, 0.0), c_high + high,
-               keys_high + jnp.where(high, att, 0.0), jnp.maximum(longest, jnp.where(on, att, -1e30)))
+        row = decode_aggregates(params, replica, att[:, None], on[:, None])  # this row's, per iteration
+        agg = (n + row[0], c_low + row[1], keys_mid + row[2], c_high + row[3], keys_high + row[4],
+               jnp.maximum(longest, row[5]))
         blk_abs = blk_abs + jnp.where(at, pf_blocks[r], 0) + jnp.where(on, _cdiv(pf_t[r] + js - jr + 1, bs), 0)
         comp = comp | (ok_r & (js == jr + target[r] - g0[r] - 1))
         j_out, ok_out = j_out.at[r].set(jr), ok_out.at[r].set(ok_r)
