@@ -197,16 +197,22 @@ def decode_aggregates(params: CostParams, rep: Replica, att, on):
     `on`; trailing axis): (rows, rows below one KV tile, their keys summed over the rows between the
     tile and the sliding window, rows above the window, keys summed over those, the longest row's
     keys). Integer-valued sums, exact in float64 whatever the row order (see `decode_stretch`)."""
+    n, c_low, keys_mid, c_high, keys_high, keys = decode_row_terms(params, rep, att, on)
+    n, c_low, keys_mid, c_high, keys_high = sum_rows(n, c_low, keys_mid, c_high, keys_high)
+    return n, c_low, keys_mid, c_high, keys_high, jnp.max(keys, axis=-1)
+
+
+def decode_row_terms(params: CostParams, rep: Replica, att, on):
+    """Each row's terms of `decode_aggregates`, elementwise (summed over rows, and maximised for the
+    last, they are the aggregates): (1, below one KV tile, keys between the tile and the window,
+    above the window, keys above it, keys or -inf), 0 where not `on`."""
     tile = params.m_half[Op.ATTN_DECODE]
     win = jnp.where(rep.window > 0, jnp.maximum(rep.window, tile), _BIG)
     low = on & (att < tile)
     high = on & (att > win)
     mid = on & ~low & ~high
-    n, c_low, keys_mid, c_high, keys_high = sum_rows(on.astype(att.dtype), low.astype(att.dtype),
-                                                     jnp.where(mid, att, 0.0), high.astype(att.dtype),
-                                                     jnp.where(high, att, 0.0))
-    longest = jnp.max(jnp.where(on, att, -_BIG), axis=-1)
-    return n, c_low, keys_mid, c_high, keys_high, longest
+    return (on.astype(att.dtype), low.astype(att.dtype), jnp.where(mid, att, 0.0), high.astype(att.dtype),
+            jnp.where(high, att, 0.0), jnp.where(on, att, -_BIG))
 
 
 def decode_attention_from_aggregates(params: CostParams, rep: Replica, n, c_low, keys_mid, c_high, keys_high,

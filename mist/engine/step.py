@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..cost.iteration import (MixedBatch, breakdown, decode_aggregates, decode_dense_time, decode_times_from_aggregates,
+from ..cost.iteration import (MixedBatch, breakdown, decode_dense_time, decode_row_terms, decode_times_from_aggregates,
                               dense_combine, dense_sample_pieces, dense_token_pieces, iteration_time,
                               prefill_attention, stretch_aggregates, sum_rows)
 from .state import EMPTY_SLOT, INF, SLOT_FIELDS, EngineState
@@ -701,7 +701,7 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
         # its decodes: iterations jr + 1 .. jr + (target - g0) - 1, attending to pf_t + (j - jr) keys
         on = ok_r & (js > jr) & (js <= jr + target[r] - g0[r] - 1)
         att = (pf_t[r] - jr).astype(F64) + jf
-        row = decode_aggregates(params, replica, att[:, None], on[:, None])  # this row's, per iteration
+        row = decode_row_terms(params, replica, att, on)  # this row's terms, per iteration
         agg = (n + row[0], c_low + row[1], keys_mid + row[2], c_high + row[3], keys_high + row[4],
                jnp.maximum(longest, row[5]))
         blk_abs = blk_abs + jnp.where(at, pf_blocks[r], 0) + jnp.where(on, _cdiv(pf_t[r] + js - jr + 1, bs), 0)
