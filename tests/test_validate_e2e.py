@@ -95,3 +95,24 @@ def test_e2e_gradient_through_scan_matches_finite_difference():
     assert abs(float(g) - fd) <= 1e-2 * abs(fd)
     # latency is linear in cpu_iter with one term per iteration: d latency / d log_cpu_iter = iters * cpu_iter
     assert float(g) == pytest.approx(int(iters) * 1e-3, rel=1e-3)
+
+
+def test_per_worker_cpu_term_folds_into_cpu_iter():
+    """Stacks that dispatch each iteration to every TP worker (Splitwise's 2023 vLLM) pay
+    cpu_iter + per_worker x TP; the others keep the TP-independent cpu_iter; 3-entry thetas pass."""
+    import jax
+    import jax.numpy as jnp
+
+    import mist  # noqa: F401  (float64)
+
+    th = jnp.log(jnp.asarray([1e-3, 2e-5, 3e-8, 2e-3]))
+    on = np.asarray(ve.fold_workers(th, 4.0, 1.0))
+    off = np.asarray(ve.fold_workers(th, 4.0, 0.0))
+    assert np.exp(on[0]) == pytest.approx(1e-3 + 4 * 2e-3)
+    assert np.exp(off[0]) == pytest.approx(1e-3)
+    assert np.allclose(on[1:], np.asarray(th[1:3])) and np.allclose(off[1:], np.asarray(th[1:3]))
+    assert np.allclose(np.asarray(ve.fold_workers(th[:3], 8.0, 1.0)), np.asarray(th[:3]))
+    # d log(cpu_iter_eff) / d log(per_worker) = per_worker * tp / cpu_iter_eff
+    g = jax.grad(lambda t: ve.fold_workers(t, 4.0, 1.0)[0])(th)
+    assert float(g[3]) == pytest.approx(8e-3 / 9e-3)
+    assert "vllm-2023" in ve.PER_WORKER_PROFILES
