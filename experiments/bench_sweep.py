@@ -50,12 +50,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_sweep.json"))
     args = ap.parse_args(argv)
     rows = []
-    cost = {}  # requests -> (seconds per config-step, scan steps per request) measured so far
+    cost = {}  # requests -> (seconds per lane-step, lane-steps per config and request) measured so far
     for nr in args.requests:
         for nc in sorted(args.configs):
             if cost:  # measured at this request count, else at the nearest one measured
                 per_cs, steps_per_req = cost[min(cost, key=lambda m: abs(m - nr))]
-                est = per_cs * nc * steps_per_req * nr
+                est = per_cs * nc * steps_per_req * nr  # lane-steps per config as at the largest count run
                 if est > args.budget_s:
                     rows.append({"configs": nc, "requests": nr, "skipped": True, "estimated_run_s": est})
                     continue
@@ -66,22 +66,27 @@ def main(argv=None) -> int:
             total = time.perf_counter() - t1
             info = prep.info
             summ = total - info.run_s - info.compile_s
-            steps_per_req = info.steps / max(info.chunks, 1) / nr
-            per_cs = info.run_s / max(info.steps * info.configs_per_chunk, 1)
+            # lanes x batch steps = every lane-step run, busy or idle (a lane idles from its config's
+            # end to the end of a call, and in the tail once no config waits)
+            lane_steps = info.steps * info.configs_per_chunk
+            steps_per_req = lane_steps / nc / nr
+            per_cs = info.run_s / max(lane_steps, 1)
             cost[nr] = (per_cs, steps_per_req)
             feas = int(df["feasible"].sum())
             rows.append({"configs": nc, "requests": nr, "feasible": feas, "skipped": False,
                          "lower_s": t1 - t0, "compile_s": info.compile_s, "run_s": info.run_s, "summary_s": summ,
                          "configs_per_s": feas / info.run_s, "sim_requests_per_s": feas * nr / info.run_s,
-                         "configs_per_chunk": info.configs_per_chunk, "chunks": info.chunks,
-                         "scan_steps_per_chunk": info.steps / max(info.chunks, 1),
-                         "us_per_config_step": 1e6 * per_cs, "end_to_end_s": time.perf_counter() - t0})
+                         "lanes": info.configs_per_chunk, "batch_steps": info.steps,
+                         "lane_steps_per_config": lane_steps / nc, "config_steps_mean": float(df["scan_steps"].mean()),
+                         "config_steps_max": int(df["scan_steps"].max()),
+                         "us_per_lane_step": 1e6 * per_cs, "end_to_end_s": time.perf_counter() - t0})
     target = None
     big = [r for r in rows if r["requests"] == 10000 and not r["skipped"]]
     if 10000 in cost:
         per_cs, spr = cost[10000]
         target = {"configs": 1000, "requests": 10000, "estimated_run_s": per_cs * 1000 * spr * 10000,
-                  "basis": "measured s per config-step x steps per request at 10k requests", "goal_s": 120}
+                  "basis": "measured s per lane-step x lane-steps per config, at 10k requests and the largest "
+                           "config count run", "goal_s": 120}
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} (shared with other jobs)",
            "jax_backend": mist._jax.default_backend(), "devices": len(mist._jax.devices()),
            "deployment": f"Llama-3.1-8B, 1 replica, chunked; slots {args.slots}, stretch {args.stretch}",
@@ -92,15 +97,15 @@ def main(argv=None) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(out["deployment"], "|", out["machine"], "|", out["jax_backend"])
-    print(f"{'configs':>7} {'requests':>8} {'lower_s':>7} {'compile_s':>9} {'run_s':>8} {'summ_s':>7} {'cfg/s':>8} "
-          f"{'req/s':>9} {'steps':>7} {'us/cfg-step':>11}")
+    print(f"{'configs':>7} {'requests':>8} {'lanes':>5} {'lower_s':>7} {'compile_s':>9} {'run_s':>8} {'summ_s':>7} "
+          f"{'cfg/s':>8} {'req/s':>9} {'steps/cfg':>9} {'lane-steps/cfg':>14} {'us/lane-step':>12}")
     for r in rows:
         if r["skipped"]:
             print(f"{r['configs']:>7} {r['requests']:>8}  skipped: estimated {r['estimated_run_s']:.0f} s of simulation")
             continue
-        print(f"{r['configs']:>7} {r['requests']:>8} {r['lower_s']:>7.1f} {r['compile_s']:>9.1f} {r['run_s']:>8.2f} "
-              f"{r['summary_s']:>7.1f} {r['configs_per_s']:>8.2f} {r['sim_requests_per_s']:>9.0f} "
-              f"{r['scan_steps_per_chunk']:>7.0f} {r['us_per_config_step']:>11.1f}")
+        print(f"{r['configs']:>7} {r['requests']:>8} {r['lanes']:>5} {r['lower_s']:>7.1f} {r['compile_s']:>9.1f} "
+              f"{r['run_s']:>8.2f} {r['summary_s']:>7.1f} {r['configs_per_s']:>8.2f} {r['sim_requests_per_s']:>9.0f} "
+              f"{r['config_steps_mean']:>9.0f} {r['lane_steps_per_config']:>14.0f} {r['us_per_lane_step']:>12.1f}")
     if target:
         print(f"1000 configs x 10k requests: estimated {target['estimated_run_s']:.0f} s of simulation (goal 120 s)")
     return 0

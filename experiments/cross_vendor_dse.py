@@ -108,7 +108,8 @@ def run(workload: str, trace: str, pts: list[dict], args) -> pd.DataFrame:
                                   "policy": "chunked", "max_num_seqs": max(args.seqs)}],
                      "routers": {"llm": "round-robin"}},
             "points": pts,
-            "run": {"configs_per_chunk": args.configs_per_chunk, "clients": args.clients, "slots": max(args.seqs),
+            "run": {**({"configs_per_chunk": args.configs_per_chunk} if args.configs_per_chunk else {}),
+                    "clients": args.clients, "slots": max(args.seqs),
                     "stages": 2, "pools": 2, "requests": args.requests, "progress": False}}
     prep = prepare(spec)
     t0 = time.perf_counter()
@@ -243,8 +244,9 @@ def main(argv=None) -> int:
     ratios = args.ratios or (["1:1"] if q else ["1:1", "2:1"])
     args.clients = max(sum(int(x) for x in r.split(":")) for r in ratios)
     pts = points(skus, ratios, q, args)
-    # equal chunks: every bisection round of all configs is ceil(configs / chunk) compiled batches
-    args.configs_per_chunk = args.configs_per_chunk or (4 if q else -(-len(pts) // -(-len(pts) // 64)))
+    # lanes: the sweep's default (a quarter of the configs, at least 64; lanes are refilled as configs
+    # end), 2 in quick mode (the test suite's compiled program)
+    args.configs_per_chunk = args.configs_per_chunk or (2 if q else None)
     wls = {w: WORKLOADS[w] for w in (args.workloads or WORKLOADS)}
     t0 = time.perf_counter()
     df = pd.concat([run(w, tr, pts, args) for w, tr in wls.items()], ignore_index=True)

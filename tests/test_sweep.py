@@ -3,7 +3,10 @@ Pareto frontiers are non-dominated, sharding does not change results, multi-host
 configs, and the cross-vendor experiment runs in quick mode.
 
 All simulations here share one set of capacities (20 requests, 2 clients, 32 slots, 2 stages,
-4 configs per chunk) so that the vmapped program compiles once for the whole module.
+2 lanes, as the cross-vendor experiment's quick mode) so that the vmapped program compiles once
+for the whole module. Two lanes for four feasible configs: every sweep here refills its lanes (a
+lane takes the next config when its own ends), and the 4-device run (4 lanes, no refill) must agree
+with it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from mist.sweep.sharding import host_shard
 from mist.sweep.spec import Axis, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = {"configs_per_chunk": 4, "clients": 2, "slots": 32, "stages": 2, "pools": 2, "requests": 20, "progress": False}
+RUN = {"configs_per_chunk": 2, "clients": 2, "slots": 32, "stages": 2, "pools": 2, "requests": 20, "progress": False}
 BASE = {"workload": {"trace": "azure_conv_2023", "first": 20},
         "clients": [{"name": "llm", "pool": "llm", "model": "llama-3.1-8b", "hardware": "h100", "max_num_seqs": 16}]}
 # config 2 is infeasible (TP 3 does not divide Llama-3.1-8B's 32 heads); config 4 disaggregates

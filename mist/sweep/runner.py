@@ -1,14 +1,16 @@
-"""Run a lowered sweep through one compiled, vmapped (and, on several devices, sharded) program,
-chunk by chunk, each chunk sized to fit memory.
+"""Run a lowered sweep through one compiled, vmapped (and, on several devices, sharded) program: a
+batch of lanes sized to fit memory, each lane simulating one config at a time.
 
-Every chunk has the same number of configs (the last is padded with copies of its first config,
-whose results are dropped), so a whole sweep compiles exactly once per set of capacities. A config
-whose simulation stops making progress, or runs past the step limit, is reported as stuck instead
-of stopping the sweep.
-"""
+The batch has the same number of lanes whatever the sweep's size, so a whole sweep compiles exactly
+once per set of capacities. When a lane's config ends, the lane takes the next waiting config
+between two compiled calls (lanes without one idle with no requests), so the batch runs about the
+configs' total steps divided by the lanes, not the slowest config's steps once per chunk of
+configs. A config whose simulation stops making progress, or runs past the step limit, is reported
+as stuck instead of stopping the sweep."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,28 +30,39 @@ from .sharding import config_sharding, num_shards, place
 
 @dataclass
 class RunInfo:
-    """Timing of a sweep run: compile once, then chunks of configs (seconds)."""
+    """Timing of a sweep run: compile once, then compiled calls of a batch of lanes (seconds)."""
 
     compile_s: float = 0.0
     run_s: float = 0.0
-    configs_per_chunk: int = 0
-    chunks: int = 0
-    steps: int = 0  # scan steps, summed over chunks (each chunk runs until its slowest config ends)
+    configs_per_chunk: int = 0  # lanes of the vmapped batch
+    chunks: int = 0  # batches run (one per `run_chunks` call)
+    steps: int = 0  # scan steps the batch ran (every lane runs each one, busy or idle), summed over batches
     devices: int = 1
     configs: int = 0
     bytes_per_config: int = 0
-    per_chunk_s: list = field(default_factory=list)
 
 
 @dataclass
 class ChunkResult:
     rows: list[int]  # positions in LoweredSweep.feasible
-    state: object  # host (numpy) EngineState with a leading config axis (len(rows) used rows first)
+    state: object  # host (numpy) EngineState with a leading config axis, one row per entry of `rows`
     steps: np.ndarray  # scan steps per config
     stuck: list[str]  # "" or why the config did not finish
 
 
 _COMPILED: dict = {}
+
+# Lane refilling (see `run_chunks`). A batch of B lanes runs about (total steps of its configs) / B
+# steps plus a tail (the configs started last), against (slowest config's steps) x (configs / B)
+# without refilling; per lane-step, XLA on CPU is ~25% cheaper at 256 lanes than at 64 (fewer,
+# longer kernels), so the default lane count is a quarter of the configs, at least MIN_LANES.
+# Measured on 256 configs x 1k requests (experiments/bench_sweep.py's configs; 2-core CPU):
+# 1,568 lane-steps per config with 64 lanes against 2,304 with 256 lanes run once.
+REFILLS = 4
+MIN_LANES = 64
+# scan steps per compiled call (a lane idles from its config's end to the end of the call, half a call
+# on average; a call costs one host synchronisation, ~1 ms against ~1 s of a 64-lane call)
+REFILL_CALL = 128
 
 
 def _memory_budget(memory_gb: float | None) -> int:
@@ -69,12 +82,14 @@ def _memory_budget(memory_gb: float | None) -> int:
 
 def chunk_size(dims: EngineDims, n_configs: int, *, configs_per_chunk: int | None = None,
                memory_gb: float | None = None, shards: int = 1, ls: LoweredSweep | None = None) -> int:
-    """Configs per compiled chunk: what fits the memory budget (or the given number), never more
-    than the sweep needs, and a multiple of the number of devices the chunk is sharded over."""
+    """Lanes of the compiled batch: the given number, else what fits the memory budget but no more
+    than max(MIN_LANES, a quarter of the configs), so that a large sweep refills each lane about
+    four times (see `run_chunks`); never more than the sweep needs, and a multiple of the number of
+    devices the batch is sharded over."""
     if configs_per_chunk is None:
         per = bytes_per_config(dims, ls)
         configs_per_chunk = max(1, _memory_budget(memory_gb) // (per * shards)) * shards
-        configs_per_chunk = min(configs_per_chunk, max(n_configs, 1))
+        configs_per_chunk = min(configs_per_chunk, max(MIN_LANES, -(-n_configs // REFILLS)), max(n_configs, 1))
     return int(-(-configs_per_chunk // shards) * shards)
 
 
@@ -95,11 +110,47 @@ def config_keys(seed: int, plan_indices) -> np.ndarray:
     return np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(plan_indices, jnp.int32)))
 
 
+def _lane_setter(sharding):
+    """A compiled in-place update of some lanes (leading-axis rows) of every leaf of a PyTree: rows
+    `idx` (out-of-range entries dropped) take `new`'s rows. The lane count is padded to a power of
+    four, so a sweep compiles it a handful of times at most."""
+    key = ("set_lanes", None if sharding is None else tuple(d.id for d in sharding.mesh.devices.flat))
+    if key not in _COMPILED:
+        kw = {} if sharding is None else dict(out_shardings=sharding)
+        _COMPILED[key] = jax.jit(lambda tree, idx, new: jax.tree.map(
+            lambda x, y: x.at[idx].set(y.astype(x.dtype), mode="drop"), tree, new), donate_argnums=0, **kw)
+    return _COMPILED[key]
+
+
+def _lane_getter(sharding):
+    """A compiled gather of some lanes of every leaf of a PyTree (lane counts padded as in
+    `_lane_setter`)."""
+    key = ("get_lanes", None if sharding is None else tuple(d.id for d in sharding.mesh.devices.flat))
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(lambda tree, idx: jax.tree.map(lambda x: x[idx], tree))
+    return _COMPILED[key]
+
+
+def _pad_lanes(n: int, B: int) -> int:
+    """Lanes written by one refill, padded to a power of four (at most B)."""
+    p = 1
+    while p < n:
+        p *= 4
+    return min(p, B)
+
+
 def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None = None,
                memory_gb: float | None = None, devices=None, progress: bool = True, length: int | None = None,
                info: RunInfo | None = None, rows: list[int] | None = None) -> Iterator[ChunkResult]:
-    """Simulate feasible configs (`rows`: positions in `ls.feasible`, default all), yielding one
-    `ChunkResult` per compiled chunk; `info` accumulates timings."""
+    """Simulate feasible configs (`rows`: positions in `ls.feasible`, default all) in one compiled,
+    vmapped batch of `configs_per_chunk` lanes, yielding a `ChunkResult` for the configs that end
+    in each compiled call; `info` accumulates timings.
+
+    When there are more configs than lanes, a lane whose config has ended takes the next waiting
+    config between two calls (its tables, workload and a fresh state are written into that lane),
+    so the batch runs for about the configs' total steps over the lane count instead of the
+    slowest config's steps once per chunk of configs. Results do not depend on the lanes: every
+    config runs with its own PRNG key (`config_keys`) and lanes never interact."""
     info = info if info is not None else RunInfo()
     rows = list(range(len(ls.feasible))) if rows is None else list(rows)
     if not rows:
@@ -108,62 +159,115 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
     sharding = config_sharding(devices)
     shards = num_shards(sharding)
     B = chunk_size(dims, len(rows), configs_per_chunk=configs_per_chunk, memory_gb=memory_gb, shards=shards, ls=ls)
-    length = length or default_chunk(dims)
+    refill = len(rows) > B
+    # short calls: a lane idles from its config's end to the end of the call (one length for every
+    # sweep of these capacities, refilled or not, so they share one compiled program)
+    length = length or min(default_chunk(dims), REFILL_CALL)
     prog = _programs(dims, length, sharding)
     info.configs_per_chunk, info.devices = B, shards
     info.bytes_per_config = bytes_per_config(dims, ls)
     max_steps = 64 * (dims.num_requests + 16) * dims.stages
-    starts = list(range(0, len(rows), B))
+    # longest first (so the configs started last, which make the batch's tail, are short): by the
+    # simulated span of arrivals, which bounds a config's decode iterations, hence its steps
+    span = {r: float(np.max(np.where(ls.workloads[ls.wl_id[r]].valid, ls.workloads[ls.wl_id[r]].arrival, 0.0),
+                            initial=0.0)) for r in rows}
+    pending = sorted(rows, key=lambda r: (span[r], -r))  # popped from the end
+    lane = [pending.pop() if pending else -1 for _ in range(B)]  # feasible position per lane, -1: none
+    fill = [r if r >= 0 else rows[0] for r in lane]  # idle lanes hold a copy of a config, 0 valid requests
+    cl, topo, wl = ls.stack(fill)
+    key_of = dict(zip(rows, config_keys(seed, [ls.feasible[r] for r in rows])))
+    keys = np.stack([key_of[r] for r in fill])
+    n_valid = np.where(np.asarray(lane) >= 0, wl.valid.sum(axis=1), 0).astype(np.int32)
+    host_tabs = (cl, topo, wl)  # numpy: refilled lanes are written here, then placed again
+    cl, topo, wl, n_valid_d, keys_d = place((cl, topo, wl, n_valid, keys), sharding)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows), unit="config", desc=f"sweep ({B}/chunk)", leave=False)
-    for s in starts:
-        part = rows[s:s + B]
-        padded = part + [part[0]] * (B - len(part))
-        cl, topo, wl = ls.stack(padded)
-        keys = config_keys(seed, [ls.feasible[r] for r in padded])
-        n_valid = wl.valid.sum(axis=1).astype(np.int32)
-        cl, topo, wl, n_valid_d, keys_d = place((cl, topo, wl, n_valid, keys), sharding)
+        bar = tqdm(total=len(rows), unit="config", desc=f"sweep ({B} lanes)", leave=False)
+    t0 = time.perf_counter()
+    st = prog["init"](keys_d)
+    tabs = prog["tables"](cl)  # cost tables, recomputed when lanes are refilled
+    if B not in prog["compiled"]:
+        prog["compiled"][B] = prog["run"].lower(cl, topo, wl, n_valid_d, st, tabs).compile(
+            compiler_options=compiler_options())
+        info.compile_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        st = prog["init"](keys_d)
-        tabs = prog["tables"](cl)  # cost tables, once per chunk of configs
-        if B not in prog["compiled"]:
-            prog["compiled"][B] = prog["run"].lower(cl, topo, wl, n_valid_d, st, tabs).compile(
-                compiler_options=compiler_options())
-            info.compile_s += time.perf_counter() - t0
+    fn = prog["compiled"][B]
+    # one config's initial state (host), for refilled lanes: every leaf but the key is a constant
+    template = jax.tree.map(lambda x: np.array(np.asarray(x)[0]), st) if refill else None
+    prev = np.full(B, -1)
+    seen_p: set[int] = set()
+    info.chunks += 1
+    while True:
+        st = fn(cl, topo, wl, n_valid_d, st, tabs)
+        info.steps += length
+        live = np.asarray(lane) >= 0
+        done = np.asarray(st.completed) >= n_valid
+        steps = np.asarray(st.steps)
+        stuck = live & ~done & (steps == prev)
+        over = live & ~done & (steps > max_steps)
+        ended = np.flatnonzero(live & (done | stuck | over))
+        prev = steps.copy()
+        if len(ended):
+            P = _pad_lanes(len(ended), B)  # only the ended lanes leave the device
+            got = _lane_getter(sharding)(st, np.concatenate([ended, np.zeros(P - len(ended), ended.dtype)]))
+            host = jax.tree.map(lambda x: np.asarray(x)[: len(ended)], jax.device_get(got))
+            why = []
+            for i in ended:
+                if done[i]:
+                    why.append("")
+                elif stuck[i]:
+                    why.append(f"stuck: {int(n_valid[i] - np.asarray(st.completed)[i])} requests can neither be "
+                               "served nor rejected (a stage without a usable client, or a static batch that "
+                               "never fills)")
+                else:
+                    why.append(f"unfinished after {int(steps[i])} scan steps")
+            info.configs += len(ended)
+            if bar is not None:
+                bar.update(len(ended))
+            info.run_s += time.perf_counter() - t0  # the consumer's time between calls is not run time
+            yield ChunkResult(rows=[lane[i] for i in ended], state=host, steps=steps[ended], stuck=why)
             t0 = time.perf_counter()
-        fn = prog["compiled"][B]
-        prev = np.full(B, -1)
-        stuck = np.zeros(B, bool)
-        while True:
-            st = fn(cl, topo, wl, n_valid_d, st, tabs)
-            done = np.asarray(st.completed) >= n_valid
-            steps = np.asarray(st.steps)
-            stuck |= ~done & (steps == prev)
-            if np.all(done | stuck) or steps.max() > max_steps:
-                break
-            prev = steps
-        host = jax.tree.map(np.asarray, jax.device_get(st))
-        dt = time.perf_counter() - t0
-        info.run_s += dt
-        info.per_chunk_s.append(dt)
-        info.chunks += 1
-        info.steps += int(steps.max())
-        info.configs += len(part)
-        why = []
-        for i in range(len(part)):
-            if done[i]:
-                why.append("")
-            elif stuck[i]:
-                why.append(f"stuck: {int(n_valid[i] - host.completed[i])} requests can neither be served nor "
-                           "rejected (a stage without a usable client, or a static batch that never fills)")
-            else:
-                why.append(f"unfinished after {int(steps[i])} scan steps")
-        if bar is not None:
-            bar.update(len(part))
-        yield ChunkResult(rows=part, state=host, steps=steps[: len(part)], stuck=why)
+            nxt = [pending.pop() if pending else -1 for _ in ended]
+            for i, r in zip(ended, nxt):
+                lane[i] = r
+            new = np.asarray([i for i, r in zip(ended, nxt) if r >= 0], np.int32)
+            idle = np.asarray([i for i, r in zip(ended, nxt) if r < 0], np.int32)
+            if len(idle):  # nothing left for these lanes: no valid requests, every step a no-op
+                n_valid = n_valid.copy()
+                n_valid[idle] = 0
+            if len(new):
+                rs = [lane[i] for i in new]
+                kn = np.stack([key_of[r] for r in rs])
+                fresh = jax.tree.map(lambda x: np.broadcast_to(x, (len(rs),) + x.shape), template)
+                fresh = dataclasses.replace(fresh, key=kn)
+                n_valid = n_valid.copy()
+                n_valid[new] = [int(ls.workloads[ls.wl_id[r]].valid.sum()) for r in rs]
+                P = _pad_lanes(len(new), B)
+                idx = np.full(P, B, np.int32)
+                idx[: len(new)] = new
+                if P > len(new):
+                    fresh = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], P - len(new), axis=0)]), fresh)
+                setter = _lane_setter(sharding)
+                t_set = time.perf_counter()
+                st = setter(st, idx, fresh)
+                if P not in seen_p:  # the first write of P lanes compiled the setter: compile time
+                    seen_p.add(P)
+                    jax.block_until_ready(st)
+                    info.compile_s += time.perf_counter() - t_set
+                    t0 += time.perf_counter() - t_set
+
+                def write(dst, src):
+                    dst[new] = src
+                jax.tree.map(write, host_tabs, ls.stack(rs))
+                cl, topo, wl = place(host_tabs, sharding)
+                tabs = prog["tables"](cl)
+                prev[new] = -1
+            n_valid_d = place(n_valid, sharding)
+        if all(r < 0 for r in lane):
+            break
+    info.run_s += time.perf_counter() - t0
     if bar is not None:
         bar.close()
 

@@ -66,9 +66,11 @@ class Sampling:
 @dataclass
 class RunOptions:
     """How the sweep runs: minimum capacities of the shared program (raise them so that several
-    sweeps share one compiled program), configs per compiled chunk, and the memory budget."""
+    sweeps share one compiled program), configs simulated at once (lanes of the vmapped batch,
+    refilled as configs end), and the memory budget."""
 
-    configs_per_chunk: int | None = None  # None: as many as fit `memory_gb`
+    # lanes; None: what fits `memory_gb`, at most max(64, a quarter of the configs)
+    configs_per_chunk: int | None = None
     memory_gb: float | None = None  # None: a share of free host (or device) memory
     clients: int = 0
     slots: int = 0
