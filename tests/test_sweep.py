@@ -154,6 +154,18 @@ def test_sharded_equals_unsharded(swept, sharded_proc):
         np.testing.assert_allclose(sh[m].to_numpy(float), swept[m].to_numpy(float), rtol=1e-6, err_msg=m)
 
 
+def test_table_columns_are_unique_and_written(tmp_path):
+    from mist.sweep.table import assemble, write_table
+
+    df = assemble([{"config": 1, "feasible": True, "hardware": "h200", "rate": 2.0, "x": 1.0},
+                   {"config": 0, "feasible": True, "hardware": "h100", "rate": 1.0, "x": 2.0}],
+                  ["hardware", "rate"] + sorted({"hardware", "rate"}))
+    assert list(df.columns) == ["config", "feasible", "rate", "hardware", "x"]
+    assert df["config"].tolist() == [0, 1]
+    pq, _ = write_table(df, tmp_path)
+    assert pd.read_parquet(pq).equals(df)
+
+
 def test_host_shards_cover_configs_once():
     for n in (0, 1, 7, 100, 4097):
         for k in (1, 2, 3, 8):

@@ -81,7 +81,8 @@ def assemble(rows: list[dict], axes: list[str] = ()) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if "config" in df:
         df = df.sort_values("config").reset_index(drop=True)
-    first = [c for c in ID_COLUMNS if c in df] + [a for a in axes if a in df and a not in ID_COLUMNS]
+    # each column once: axis names repeat (the spec's axes, then every config's point keys)
+    first = list(dict.fromkeys([c for c in ID_COLUMNS if c in df] + [a for a in axes if a in df]))
     return df[first + [c for c in df if c not in first]]
 
 
