@@ -152,10 +152,10 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     C, K, P, NP = dm("num_clients", "clients"), dm("stages", "stages"), dm("pools", "pools"), dm("pipelines", "pipelines")
     S = max([int(np.max(np.asarray(lo.clients.max_num_seqs))) for lo in los] + [md.get("slots", 0), 1])
     N = max([len(w["arrival"]) for w in wl_arrays] + [md.get("requests", 0), 1])
-    # no admissions inside stretches (EngineDims.absorb) in vmapped sweeps: a batch runs as many steps
-    # as its slowest config, which in the sweeps measured is bound by decode iterations (stretch
-    # length), not by arrivals or completions, while under vmap every admission pass runs for every
-    # config (experiments/bench_sweep.py, 16 configs x 1k requests: 1,870 -> 1,678 steps, 2.3 -> 7.0 s)
+    # no admissions inside stretches (EngineDims.absorb) in vmapped sweeps: under vmap every admission
+    # pass runs for every lane, which roughly doubles a lane-step, more than the steps it saves
+    # (experiments/README.md, "Sweep speed": 256 configs x 1k requests, 1 or 2 candidates per step:
+    # mean steps 1,175 -> 755 / 654, run 25.6-28.1 s -> 32.8-35.7 / 29.9-30.8 s)
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=int(min(window or min(S, 64), S)),
                       queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP,
                       absorb=0)
