@@ -5,8 +5,8 @@ configs, and the cross-vendor experiment runs in quick mode.
 All simulations here share one set of capacities (20 requests, 2 clients, 32 slots, 2 stages,
 2 lanes, as the cross-vendor experiment's quick mode) so that the vmapped program compiles once
 for the whole module. Two lanes for four feasible configs: every sweep here refills its lanes (a
-lane takes the next config when its own ends), and the 4-device run (4 lanes, no refill) must agree
-with it.
+lane takes the next config when its own ends), and the 4-device run (4 lanes, six configs: refilled
+as well) must agree with it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ POINTS = [{"hardware": "h100", "max_num_seqs": 16, "rate": 4.0},
           {"hardware": "h100", "tp": 3},
           {"hardware": "h200", "replicas": 2, "rate": 8.0},
           {"hardware": "h100", "pd_ratio": "1:1", "decode.hardware": "h200", "rate": 4.0}]
+# appended to POINTS in the 4-device run only
+EXTRA = [{"hardware": "h100", "max_num_seqs": 16, "rate": 6.0}, {"hardware": "h200", "rate": 3.0}]
 METRICS = ["completed", "rejected", "duration_s", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms",
            "mean_e2el_ms", "output_throughput", "energy_j", "cost_usd"]
 
@@ -51,7 +53,8 @@ def spec(points=POINTS) -> dict:
 def sharded_proc(tmp_path_factory):
     """The same sweep on 4 forced host devices, in a subprocess (XLA_FLAGS must precede jax import)."""
     out = tmp_path_factory.mktemp("sharded")
-    (out / "spec.json").write_text(json.dumps(spec()))
+    # two more feasible configs than its 4 lanes: lanes are refilled across the sharded batch too
+    (out / "spec.json").write_text(json.dumps(spec(POINTS + EXTRA)))
     code = ("import sys, mist, mist.sweep, jax; assert len(jax.devices()) == 4; "
             "df = mist.sweep(sys.argv[1], progress=False); assert df.attrs['run']['devices'] == 4; "
             "df.to_parquet(sys.argv[2])")
@@ -146,6 +149,8 @@ def test_sharded_equals_unsharded(swept, sharded_proc):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     sh = pd.read_parquet(path)
+    assert len(sh) == len(POINTS) + len(EXTRA) and sh["completed"].iloc[len(POINTS):].eq(20).all()
+    sh = sh.iloc[: len(POINTS)]
     # counts and SLO verdicts are identical; times agree to float32 cost-model rounding (the sharded
     # program may fuse the float32 roofline arithmetic differently: ~1 ns on a timestamp)
     for m in ["completed", "rejected", "slo_met", "feasible", "scan_steps"]:
