@@ -71,15 +71,16 @@ def main(argv=None) -> int:
             # end to the end of a call, and in the tail once no config waits)
             lane_steps = info.steps * info.configs_per_chunk
             per_cs = info.run_s / max(lane_steps, 1)
-            cost[nr] = (per_cs, float(df["scan_steps"].mean()) / nr)
+            mean_steps = float(df["scan_steps"].mean())
+            cost[nr] = (per_cs, mean_steps / nr)
             if nc >= overhead[0]:
-                overhead = (nc, lane_steps / nc / max(float(df["scan_steps"].mean()), 1.0))
+                overhead = (nc, lane_steps / nc / max(mean_steps, 1.0))
             feas = int(df["feasible"].sum())
             rows.append({"configs": nc, "requests": nr, "feasible": feas, "skipped": False,
                          "lower_s": t1 - t0, "compile_s": info.compile_s, "run_s": info.run_s, "summary_s": summ,
                          "configs_per_s": feas / info.run_s, "sim_requests_per_s": feas * nr / info.run_s,
                          "lanes": info.configs_per_chunk, "batch_steps": info.steps,
-                         "lane_steps_per_config": lane_steps / nc, "config_steps_mean": float(df["scan_steps"].mean()),
+                         "lane_steps_per_config": lane_steps / nc, "config_steps_mean": mean_steps,
                          "config_steps_max": int(df["scan_steps"].max()),
                          "us_per_lane_step": 1e6 * per_cs, "end_to_end_s": time.perf_counter() - t0})
     target = None

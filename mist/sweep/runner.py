@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
@@ -57,7 +57,7 @@ _COMPILED: dict = {}
 # without refilling; per lane-step, XLA on CPU is ~25% cheaper at 256 lanes than at 64 (fewer,
 # longer kernels), so the default lane count is a quarter of the configs, at least MIN_LANES.
 # Measured on 256 configs x 1k requests (experiments/bench_sweep.py's configs; 2-core CPU):
-# 1,568 lane-steps per config with 64 lanes against 2,304 with 256 lanes run once.
+# 1,472 lane-steps per config with 64 lanes against 2,176 with 256 lanes run once (mean steps 1,175).
 REFILLS = 4
 MIN_LANES = 64
 # scan steps per compiled call (a lane idles from its config's end to the end of the call, half a call
@@ -93,8 +93,13 @@ def chunk_size(dims: EngineDims, n_configs: int, *, configs_per_chunk: int | Non
     return int(-(-configs_per_chunk // shards) * shards)
 
 
+def _devices_key(sharding):
+    """The devices a compiled program is sharded over, as part of its cache key (None: unsharded)."""
+    return None if sharding is None else tuple(d.id for d in sharding.mesh.devices.flat)
+
+
 def _programs(dims: EngineDims, length: int, sharding):
-    key = (dims, length, None if sharding is None else (tuple(d.id for d in sharding.mesh.devices.flat)))
+    key = (dims, length, _devices_key(sharding))
     if key not in _COMPILED:
         kw = {} if sharding is None else dict(in_shardings=sharding, out_shardings=sharding)
         run = jax.jit(partial(run_chunk_batched, dims, length), **kw)
@@ -114,7 +119,7 @@ def _lane_setter(sharding):
     """A compiled in-place update of some lanes (leading-axis rows) of every leaf of a PyTree: rows
     `idx` (out-of-range entries dropped) take `new`'s rows. The lane count is padded to a power of
     four, so a sweep compiles it a handful of times at most."""
-    key = ("set_lanes", None if sharding is None else tuple(d.id for d in sharding.mesh.devices.flat))
+    key = ("set_lanes", _devices_key(sharding))
     if key not in _COMPILED:
         kw = {} if sharding is None else dict(out_shardings=sharding)
         _COMPILED[key] = jax.jit(lambda tree, idx, new: jax.tree.map(
@@ -125,14 +130,14 @@ def _lane_setter(sharding):
 def _lane_getter(sharding):
     """A compiled gather of some lanes of every leaf of a PyTree (lane counts padded as in
     `_lane_setter`)."""
-    key = ("get_lanes", None if sharding is None else tuple(d.id for d in sharding.mesh.devices.flat))
+    key = ("get_lanes", _devices_key(sharding))
     if key not in _COMPILED:
         _COMPILED[key] = jax.jit(lambda tree, idx: jax.tree.map(lambda x: x[idx], tree))
     return _COMPILED[key]
 
 
 def _pad_lanes(n: int, B: int) -> int:
-    """Lanes written by one refill, padded to a power of four (at most B)."""
+    """Lanes written (or gathered) at once, padded to a power of four (at most B)."""
     p = 1
     while p < n:
         p *= 4
@@ -251,8 +256,9 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
                 kn = np.stack([key_of[r] for r in rs])
                 fresh = jax.tree.map(lambda x: np.broadcast_to(x, (len(rs),) + x.shape), template)
                 fresh = dataclasses.replace(fresh, key=kn)
+                new_tabs = ls.stack(rs)
                 n_valid = n_valid.copy()
-                n_valid[new] = [int(ls.workloads[ls.wl_id[r]].valid.sum()) for r in rs]
+                n_valid[new] = new_tabs[2].valid.sum(axis=1)
                 P = _pad_lanes(len(new), B)
                 idx = np.full(P, B, np.int32)
                 idx[: len(new)] = new
@@ -269,7 +275,7 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
 
                 def write(dst, src):
                     dst[new] = src
-                jax.tree.map(write, host_tabs, ls.stack(rs))
+                jax.tree.map(write, host_tabs, new_tabs)
                 cl, topo, wl = place(host_tabs, sharding)
                 tabs = prog["tables"](cl)
                 prev[new] = -1
