@@ -500,6 +500,32 @@ def test_prefill_gqa_packing_exponent_by_hand():
     assert close(f(prefill_tile_pairs(h, 4.0, 10.0, 4.0)), (4 + 8) * 16, rel=1e-4)
 
 
+def test_prefill_narrow_head_tile_by_hand():
+    # FlashAttention-3 on Hopper runs 192-row query tiles at head dim 64 and 128-row ones at 128:
+    # params.narrow_tile[ATTN_PREFILL] scales the padding tile and the thread block's query rows at
+    # head dims <= 64 only; 1 (off) is the default and what files written before it mean
+    from mist.cost.iteration import prefill_blocks, prefill_tile_pairs
+    from mist.cost.operators import attn_prefill_time
+
+    ph = _phys(ideal_params())
+    p = make_params(**{**ph, "m_half": [1e-6, 16.0, 1e-6, 1e-6, 1e-6]}, narrow_tile=[1.0, 1.5, 1.0, 1.0, 1.0])
+    assert close(f(prefill_tile_pairs(p, 4.0, 10.0, 1.0, 64.0)), (4 + 24) * 24, rel=1e-5)
+    assert close(f(prefill_tile_pairs(p, 4.0, 10.0, 1.0, 128.0)), (4 + 16) * 16, rel=1e-5)
+    assert close(f(prefill_tile_pairs(p, 4.0, 10.0)), (4 + 16) * 16, rel=1e-5)  # default: wide heads
+    # 300-token chunk, 4 heads, MHA: ceil(300 / 192) = 2 tiles a head at head dim 64, ceil(300 / 128) = 3 at 128
+    assert f(prefill_blocks(p, 300.0, 4.0, 1.0, 64.0)) == 8.0
+    assert f(prefill_blocks(p, 300.0, 4.0, 1.0, 128.0)) == 12.0
+    # the operator predictor: compute-bound, q = kv = 4 (the tile dominates): (4 + 24) 24 / ((4 + 16) 16)
+    p1 = make_params(**{**ph, "m_half": [1e-6, 16.0, 1e-6, 1e-6, 1e-6]})
+    op = lambda q, hd: f(attn_prefill_time(q, 1.0, 4.0, 4.0, 4.0, 4.0, hd, 1e12, 1e18))  # noqa: E731
+    assert close(op(p, 64.0) / op(p1, 64.0), 28 * 24 / (20 * 16), rel=1e-4)
+    assert close(op(p, 128.0) / op(p1, 128.0), 1.0, rel=1e-6)
+    d = p.to_dict()
+    for o in d["ops"].values():
+        del o["narrow_tile"]
+    assert np.allclose(np.asarray(CostParams.from_dict(d).narrow_tile), 1.0)
+
+
 def test_prefill_block_ramp_by_hand():
     # a prefill-attention call of B thread blocks (128-row query tiles x query heads / q_per_kv^e x
     # sequences) costs 1 + b / B times its compute (b = params.block_half[ATTN_PREFILL]); calls of

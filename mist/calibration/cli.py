@@ -27,6 +27,7 @@ def _cmd_fit(a) -> int:
     s = res.summary()
     if a.json:
         print(json.dumps({"device": res.device, "seconds": res.seconds, "dropped": res.dropped,
+                          "gemm_stacks": {"default": res.default_stack, "own_parameters": res.stack_rows},
                           "ops": json.loads(s.to_json(orient="index"))}, indent=2))
     else:
         print(f"{res.device}: fitted on {len(res.train)} rows, tested on {len(res.test)} held-out shapes "
@@ -34,6 +35,9 @@ def _cmd_fit(a) -> int:
         print(_fmt_table(s))
         if res.dropped:
             print("dropped: " + ", ".join(f"{v} {k}" for k, v in sorted(res.dropped.items())))
+        if res.stacks:
+            print(f"GEMM parameters of the default stack ({res.default_stack}) and of "
+                  + ", ".join(f"{k} ({n} training rows)" for k, n in sorted(res.stack_rows.items())))
         if not a.dry_run:
             from ..cost.params import params_path
 
@@ -48,11 +52,15 @@ def _cmd_evaluate(a) -> int:
     if a.json:
         print(json.dumps({"device": m.attrs["device"], "params_origin": m.attrs["params_origin"],
                           "rows": m.attrs["rows"], "predicted_rows": m.attrs["predicted_rows"],
-                          "dropped": m.attrs["dropped"], "ops": json.loads(m.to_json(orient="index"))}, indent=2))
+                          "dropped": m.attrs["dropped"], "gemm_stacks": m.attrs["gemm_stacks"],
+                          "ops": json.loads(m.to_json(orient="index"))}, indent=2))
     else:
         print(f"{m.attrs['device']} ({m.attrs['params_origin']}): {m.attrs['predicted_rows']} of "
               f"{m.attrs['rows']} rows predicted")
         print(_fmt_table(m.rename(columns={"mape": "MAPE %", "p90_ape": "p90 APE %"})))
+        if m.attrs["gemm_stacks"]:
+            print("GEMM rows measured by " + ", ".join(m.attrs["gemm_stacks"]) + " (source column) are scored "
+                  "with that stack's own GEMM parameters")
         if m.attrs["dropped"]:
             print("dropped: " + ", ".join(f"{v} {k}" for k, v in sorted(m.attrs["dropped"].items())))
     return 0

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..cost.params import load_params
+from ..cost.params import load_params, params_path
 from ..specs.catalog import get_hardware
 from .fit import metrics, rows_of
-from .predict import predict, prepare
+from .predict import prepare
+from .stacks import predict_stacked, stacks_from_dict
 
 #: formats `evaluate` reads: the normalised table (CSV/Parquet) or a source's own layout
 TABLE_FORMATS = ("table", "csv", "parquet")
@@ -44,14 +46,19 @@ def evaluate(device_name: str, path, format: str | None = None, *, params=None) 
             have = sorted(set(tab["device"].dropna().astype(str)))
             raise ValueError(f"{path}: no rows measured on {dev.name} (the table has: {', '.join(have)})")
         tab = sel
+    stacks = {}
     if params is None:
         params, origin = load_params(dev.name, "cpu" if dev.kind == "cpu" else "gpu")
+        pfile = params_path(dev.name)
+        if pfile is not None:  # GEMM rows of a stack with parameters of its own are scored with them
+            stacks = stacks_from_dict(json.loads(pfile.read_text()).get("params", {}), str(pfile))
     else:
         origin = "given"
-    pred = predict(params, dev, tab, report=False)
+    pred = predict_stacked(params, stacks, dev, tab)
     out = metrics(pred, tab)
     out.attrs["device"] = dev.name
     out.attrs["params_origin"] = origin
+    out.attrs["gemm_stacks"] = sorted(stacks)
     out.attrs["dropped"] = prepare(dev, tab).dropped
     out.attrs["rows"] = int(len(tab))
     out.attrs["predicted_rows"] = int(np.isfinite(pred).sum())

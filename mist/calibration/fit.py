@@ -27,6 +27,8 @@ from ..cost.params import NUM_COMMS, NUM_OPS, CostParams, default_params, save_p
 from ..specs.catalog import get_hardware
 from ..specs.hardware import Device
 from .predict import Prepared, op_classes_present, predict, predict_prepared, prepare
+from .stacks import (MIN_STACK_ROWS, default_stack, predict_stacked, rows_of_stacks, stacks_to_dict,
+                     variant_stacks, with_class_of)
 
 #: Columns that define a row's shape (everything a kernel's time depends on except the device).
 SHAPE_COLUMNS: tuple[str, ...] = (
@@ -163,6 +165,7 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
         lambda p: (p.compute_logit, p.memory_logit, p.log_m_half, p.log_overhead, p.log_sharpness, p.log_pair_width,
                    p.log_serial_bw, p.log_item_time, p.log_split_time, p.log_group_time, p.gqa_pack_logit,
                    p.log_block_half, p.log_width_time, p.log_seq_time, p.log_seq_half, p.log_item_wave,
+                   p.log_narrow_tile,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
                    p.log_cpu_per_token, p.step_noise_sigma),
@@ -170,6 +173,7 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
         (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
+         jnp.asarray(om),
          jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
          jnp.asarray(cm), z, z, z, z),
     )
@@ -321,6 +325,15 @@ class FitResult:
     # test metrics restricted to the kinds of rows the fit uses (primary formats, see fit_rows_mask)
     before_fitted: pd.DataFrame | None = None
     after_fitted: pd.DataFrame | None = None
+    # GEMM parameters of the measuring stacks other than the default (mist.calibration.stacks),
+    # with their training rows, and the default stack's name
+    stacks: dict[str, CostParams] = field(default_factory=dict)
+    stack_rows: dict[str, int] = field(default_factory=dict)
+    default_stack: str | None = None
+
+    def predict(self, table: pd.DataFrame) -> np.ndarray:
+        """Predicted seconds per row of `table` with the fitted parameters (each row's stack's)."""
+        return predict_stacked(self.params, self.stacks, get_hardware(self.device), table)
 
     def summary(self) -> pd.DataFrame:
         """Per op: train/test rows, test MAPE and p90 before and after fitting."""
@@ -353,10 +366,21 @@ class FitResult:
             "fitted_rows_rule": "per op: bf16/fp16 rows, else plain fp8, else all; MLA scored only; "
                                 "collectives: NCCL/RCCL/oneCCL benchmark rows when present",
             "dropped_rows": self.dropped,
+            "gemm_stacks": {"default": self.default_stack, "own_parameters": sorted(self.stacks),
+                            "rule": "GEMM rows of another measuring stack with >= "
+                                    f"{MIN_STACK_ROWS} training rows fit GEMM parameters of their own "
+                                    "(params.stacks; mist.calibration.stacks)"},
         }
 
     def save(self, directory=None, sources: list[str] | None = None):
-        return save_params(self.params, self.device, self.meta(sources), directory)
+        """Write the parameter file. A CPU block fitted end to end (experiments/validate_e2e.py)
+        that the file already has is kept: operator timings do not inform those terms."""
+        from ..cost.params import params_dirs
+
+        directory = directory or params_dirs()[0]
+        cpu = own_cpu_block(self.device, directory)
+        extra = {"stacks": stacks_to_dict(self.stacks, self.stack_rows)} if self.stacks else None
+        return keep_cpu_block(save_params(self.params, self.device, self.meta(sources), directory, extra=extra), cpu)
 
 
 def rows_of(table: pd.DataFrame, device_name: str) -> pd.DataFrame:
@@ -376,8 +400,13 @@ def rows_of(table: pd.DataFrame, device_name: str) -> pd.DataFrame:
 
 
 def fit(device_name: str | Device, table: pd.DataFrame, *, steps: int = 600, lr: float = 0.05, seed: int = 0,
-        init: CostParams | None = None, test_percent: int = TEST_PERCENT, balance: bool = True) -> FitResult:
+        init: CostParams | None = None, test_percent: int = TEST_PERCENT, balance: bool = True,
+        stacks: bool = True) -> FitResult:
     """Fit `device_name`'s cost parameters to the rows of `table` for that device.
+
+    With `stacks` (the default), GEMM rows of a measuring stack other than the device's default
+    (mist.calibration.stacks) fit GEMM parameters of their own and are predicted with them;
+    stacks=False fits one parameter set to every row.
 
     `seed` is accepted for reproducibility of any future stochastic variant; the fit is
     deterministic (full-batch Adam from the defaults, or `init`)."""
@@ -388,16 +417,28 @@ def fit(device_name: str | Device, table: pd.DataFrame, *, steps: int = 600, lr:
     tab = rows_of(table, dev.name)
     train, test = split(tab, test_percent)
     defaults = default_params("cpu" if dev.kind == "cpu" else "gpu")
-    prep_tr = prepare(dev, train[fit_rows_mask(train)].reset_index(drop=True))
+    fit_tr = train[fit_rows_mask(train)].reset_index(drop=True)
+    # GEMM rows of a measuring stack other than the device's newest fit that stack's own GEMM
+    # parameters (mist.calibration.stacks), from the main fit, which the other rows make
+    variants = variant_stacks(fit_tr) if stacks else []
+    own = rows_of_stacks(fit_tr, variants)
+    prep_tr = prepare(dev, fit_tr[~own].reset_index(drop=True))
     if not prep_tr.groups:
         raise ValueError(f"fit: no rows of {dev.name} that the cost model can predict "
                          f"(dropped: {prep_tr.dropped or 'none'})")
     p0 = init if init is not None else fit_start(defaults, prep_tr)
     params, hist = fit_prepared(p0, prep_tr, steps=steps, lr=lr, balance=balance)
+    fitted_stacks, stack_rows = {}, {}
+    for s in variants:
+        rows_s = fit_tr[rows_of_stacks(fit_tr, [s])].reset_index(drop=True)
+        own_p, _ = fit_prepared(params, prepare(dev, rows_s), steps=steps, lr=lr, balance=balance)
+        # only the GEMM class is the stack's (as stored and loaded: stacks_to_dict/stacks_from_dict)
+        fitted_stacks[s] = with_class_of(params, own_p)
+        stack_rows[s] = len(rows_s)
     pr_te_0 = predict(defaults, dev, test, report=False)
-    pr_te_1 = predict(params, dev, test, report=False)
+    pr_te_1 = predict_stacked(params, fitted_stacks, dev, test)
     pr_tr_0 = predict(defaults, dev, train, report=False)
-    pr_tr_1 = predict(params, dev, train, report=False)
+    pr_tr_1 = predict_stacked(params, fitted_stacks, dev, train)
     fm = fit_rows_mask(test)
     after_fitted = metrics(pr_te_1[fm], test[fm].reset_index(drop=True))
     before_fitted = metrics(pr_te_0[fm], test[fm].reset_index(drop=True))
@@ -408,7 +449,8 @@ def fit(device_name: str | Device, table: pd.DataFrame, *, steps: int = 600, lr:
                      before=metrics(pr_te_0, test), after=metrics(pr_te_1, test),
                      before_train=metrics(pr_tr_0, train), after_train=metrics(pr_tr_1, train),
                      loss_history=hist, dropped=dropped, seconds=time.time() - t0,
-                     before_fitted=before_fitted, after_fitted=after_fitted)
+                     before_fitted=before_fitted, after_fitted=after_fitted, stacks=fitted_stacks,
+                     stack_rows=stack_rows, default_stack=default_stack(fit_tr))
 
 
 # ---- data for a device, whole-device calibration, transfer to unmeasured devices
@@ -520,20 +562,8 @@ def transfer_params(device_name: str, source: str | None = None, *, directory=No
     # CPU-side engine terms: operator timings never inform them, and the source's may be fitted end
     # to end to its own serving stack, so never copy them: this device's own end-to-end fit when its
     # file has one (experiments/validate_e2e.py writes it), else this kind's defaults
-    import json
-
-    own_cpu = None
-    own = directory / f"{dev.name}.json"
-    if own.exists():
-        c = json.loads(own.read_text()).get("params", {}).get("cpu", {})
-        if str(c.get("origin", "")).startswith("e2e-fitted") or "variants" in c:
-            own_cpu = c
-    d = default_params("cpu" if dev.kind == "cpu" else "gpu")
-    cpu = (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token)
-    if own_cpu is not None:
-        cpu = tuple(jnp.asarray(np.log(own_cpu[k] * 1e-6), jnp.float32)
-                    for k in ("iter_us", "per_seq_us", "per_token_us"))
-    params = eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token), params, cpu)
+    own_cpu = own_cpu_block(dev.name, directory)
+    params = with_cpu_block(params, own_cpu, "cpu" if dev.kind == "cpu" else "gpu")
     meta = {
         "origin": f"transferred from {source} (uncalibrated)",
         "transferred_from": source,
@@ -543,12 +573,43 @@ def transfer_params(device_name: str, source: str | None = None, *, directory=No
         "date": _dt.date.today().isoformat(),
     }
     if save:
-        out = save_params(params, dev.name, meta, directory)
-        if own_cpu is not None:  # keep the block as written (its origin and serving-stack variants)
-            j = json.loads(out.read_text())
-            j["params"]["cpu"] = own_cpu
-            out.write_text(json.dumps(j, indent=2) + "\n")
+        keep_cpu_block(save_params(params, dev.name, meta, directory), own_cpu)
     return params, meta
+
+
+def own_cpu_block(device_name: str, directory) -> dict | None:
+    """The "cpu" block of `device_name`'s parameter file in `directory` when it was fitted end to
+    end (experiments/validate_e2e.py: an e2e origin or serving-stack variants), else None."""
+    import json
+
+    own = directory / f"{device_name}.json"
+    if not own.exists():
+        return None
+    c = json.loads(own.read_text()).get("params", {}).get("cpu", {})
+    return c if str(c.get("origin", "")).startswith("e2e-fitted") or "variants" in c else None
+
+
+def with_cpu_block(params: CostParams, cpu: dict | None, kind: str = "gpu") -> CostParams:
+    """`params` with the CPU-side terms of a "cpu" block (this kind's defaults when None)."""
+    if cpu is None:
+        d = default_params(kind)
+        vals = (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token)
+    else:
+        vals = tuple(jnp.asarray(np.log(cpu[k] * 1e-6), jnp.float32) for k in ("iter_us", "per_seq_us", "per_token_us"))
+    return eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token), params, vals)
+
+
+def keep_cpu_block(path, cpu: dict | None):
+    """Write an end-to-end fitted "cpu" block back into a parameter file as it was (its origin and
+    serving-stack variants), after the file was rewritten; nothing when None."""
+    import json
+
+    if cpu is None:
+        return path
+    j = json.loads(path.read_text())
+    j["params"]["cpu"] = cpu
+    path.write_text(json.dumps(j, indent=2) + "\n")
+    return path
 
 
 def transfer_validation(source: str, target: str, table: pd.DataFrame | None = None, *, directory=None,

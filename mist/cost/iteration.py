@@ -71,15 +71,27 @@ def _windowed_pairs(q, c, causal, window):
     return pairs, jnp.where(window > 0, jnp.minimum(win, pairs), pairs)
 
 
-def prefill_tile_pairs(params: CostParams, q, pairs, q_per_kv=1.0):
+#: widest head of the narrow-head prefill tile (CostParams.narrow_tile)
+NARROW_HEAD_DIM = 64.0
+
+
+def narrow_tile_ratio(params: CostParams, head_dim):
+    """How much larger a prefill-attention kernel's query tile is at `head_dim` than at 128:
+    params.narrow_tile[ATTN_PREFILL] at head dims <= NARROW_HEAD_DIM (FlashAttention-3 on Hopper:
+    192 / 128 rows), else 1."""
+    return jnp.where(head_dim <= NARROW_HEAD_DIM, params.narrow_tile[Op.ATTN_PREFILL], 1.0)
+
+
+def prefill_tile_pairs(params: CostParams, q, pairs, q_per_kv=1.0, head_dim=128.0):
     """Query-key pairs a prefill attention kernel effectively computes: queries are processed in
     tiles and each query tile visits at least one key tile, so short chunks and short contexts cost
-    more than their exact pairs. m_half[ATTN_PREFILL] is that tile (tokens). The query tile packs
+    more than their exact pairs. m_half[ATTN_PREFILL] is that tile (tokens), times
+    narrow_tile_ratio at narrow heads. The query tile packs
     the q_per_kv query heads that share a KV head (GQA packing), so per query head it pads by
     tile / q_per_kv rows: (q + tile / q_per_kv) * max(mean keys per query, tile). Chunks of more
     than one token pack q_per_kv^e heads (e = params.gqa_pack[ATTN_PREFILL], fitted per device:
     FlashAttention-2 packs the group only for single-token queries, FlashAttention-3 always)."""
-    tile = params.m_half[Op.ATTN_PREFILL]
+    tile = params.m_half[Op.ATTN_PREFILL] * narrow_tile_ratio(params, head_dim)
     qs = jnp.maximum(q, 1.0)
     pack = jnp.where(q > 1.0, jnp.power(q_per_kv, params.gqa_pack[Op.ATTN_PREFILL]), q_per_kv)
     return jnp.where(q > 0, (q + tile / pack) * jnp.maximum(pairs / qs, tile), 0.0)
@@ -89,14 +101,16 @@ def prefill_tile_pairs(params: CostParams, q, pairs, q_per_kv=1.0):
 PREFILL_BLOCK_M = 128.0
 
 
-def prefill_blocks(params: CostParams, q, heads, q_per_kv=1.0):
+def prefill_blocks(params: CostParams, q, heads, q_per_kv=1.0, head_dim=128.0):
     """Thread blocks of a prefill-attention call that one sequence adding q tokens launches per
-    layer: its query tiles of PREFILL_BLOCK_M rows times its query heads, a tile holding the
+    layer: its query tiles of PREFILL_BLOCK_M rows (times narrow_tile_ratio at narrow heads) times
+    its query heads, a tile holding the
     q_per_kv^e query heads of one KV head (q_per_kv for single-token queries; the packing of
     prefill_tile_pairs). Elementwise; summed over a call's sequences it is the B of the block ramp
     (see prefill_block_factor)."""
     pack = jnp.where(q > 1.0, jnp.power(q_per_kv, params.gqa_pack[Op.ATTN_PREFILL]), q_per_kv)
-    return jnp.where(q > 0, (heads / pack) * jnp.ceil(q * pack / PREFILL_BLOCK_M), 0.0)
+    rows = PREFILL_BLOCK_M * narrow_tile_ratio(params, head_dim)
+    return jnp.where(q > 0, (heads / pack) * jnp.ceil(q * pack / rows), 0.0)
 
 
 def prefill_block_factor(params: CostParams, blocks, multi):
@@ -491,8 +505,9 @@ def prefill_attention(params: CostParams, rep: Replica, tokens, context, last, m
     full_pairs, win_pairs = _windowed_pairs(q, c, rep.causal, rep.window)
     full_layers = L - rep.sliding_layers
     width = rep.heads * (rep.d_qk_prefill + rep.d_v_prefill)
-    pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs, rep.q_per_kv)
-                    + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv))
+    hd = rep.d_qk_prefill
+    pf_pairs_eff = (full_layers * prefill_tile_pairs(params, q, full_pairs, rep.q_per_kv, hd)
+                    + rep.sliding_layers * prefill_tile_pairs(params, q, win_pairs, rep.q_per_kv, hd))
     kv_read = full_layers * (c + q) + rep.sliding_layers * jnp.minimum(c + q,
                                                                          jnp.where(rep.window > 0, rep.window + q, _BIG))
     # per pair: the dot products plus the work that does not scale with the head width (softmax)
@@ -500,7 +515,7 @@ def prefill_attention(params: CostParams, rep: Replica, tokens, context, last, m
         q, pm, pm * last.astype(jnp.float32),
         2.0 * (width + rep.heads * params.pair_width[Op.ATTN_PREFILL]) * pf_pairs_eff,
         kv_read * rep.kv_bytes_token_layer + L * q * (width * rep.act_bytes + rep.kv_bytes_token_layer),
-        prefill_blocks(params, q, rep.heads, rep.q_per_kv))
+        prefill_blocks(params, q, rep.heads, rep.q_per_kv, hd))
     # the call's thread blocks against the machine (see prefill_block_factor); every masked chunk
     # has q >= 1, so the call has a multi-token chunk iff its tokens outnumber its chunks
     pf_flops_eff = pf_flops_eff * prefill_block_factor(params, pf_blocks, n_pre_tok > n_pf)

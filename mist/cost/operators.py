@@ -30,9 +30,9 @@ def attn_prefill_time(params: CostParams, batch, q_len, kv_len, heads, kv_heads,
     c = jnp.maximum(kv_len - q_len, 0.0)
     _, pairs = _windowed_pairs(q_len, c, causal, window)
     width = heads * (2.0 * head_dim + params.pair_width[Op.ATTN_PREFILL])  # see iteration_breakdown
-    flops_eff = batch * 2.0 * width * prefill_tile_pairs(params, q_len, pairs, heads / kv_heads)
+    flops_eff = batch * 2.0 * width * prefill_tile_pairs(params, q_len, pairs, heads / kv_heads, head_dim)
     # the call's thread blocks against the machine (see iteration.prefill_block_factor)
-    blocks = batch * prefill_blocks(params, q_len, heads, heads / kv_heads)
+    blocks = batch * prefill_blocks(params, q_len, heads, heads / kv_heads, head_dim)
     flops_eff = flops_eff * prefill_block_factor(params, blocks, q_len > 1.0)
     kv_tok = 2.0 * kv_heads * head_dim * kv_bytes
     bytes_ = batch * (kv_len * kv_tok + q_len * (2.0 * heads * head_dim * a_bytes + kv_tok))

@@ -110,6 +110,11 @@ class CostParams(eqx.Module):
         a call of x items per layer pays item_time for x - w (1 - exp(-x / w)) of them (~x^2 / 2w
         below a wave, x - w above; see mist.cost.roofline.waved_items); ~0 (off) in files written
         before it
+      log_narrow_tile: prefill attention only: log of the ratio of the query tile (m_half) and of the
+        thread block's query rows (PREFILL_BLOCK_M) at head dims <= NARROW_HEAD_DIM (64) to those at
+        wider heads: FlashAttention-3 on Hopper runs 192-row query tiles at head dim 64 and 128-row
+        tiles at 128-256 (1.5); FlashAttention-2 128 rows at both (1); fitted per device, 1 (off)
+        in files written before it (see mist.cost.iteration.prefill_tile_pairs)
       log_pair_width: prefill attention only: log of the work per query-key pair and head that does not
         scale with the head width (softmax, masking, rescaling), in head-width units: a pair costs
         2 (d_qk + d_v + pair_width) FLOPs at the kernel's efficiency instead of 2 (d_qk + d_v)
@@ -146,6 +151,7 @@ class CostParams(eqx.Module):
     log_seq_time: Float[Array, "ops"]
     log_seq_half: Float[Array, "ops"]
     log_item_wave: Float[Array, "ops"]
+    log_narrow_tile: Float[Array, "ops"]
     comm_bw_logit: Float[Array, "comms"]
     log_comm_latency_scale: Float[Array, "comms"]
     log_comm_s_half: Float[Array, "comms"]
@@ -223,6 +229,10 @@ class CostParams(eqx.Module):
         return jnp.exp(self.log_item_wave)
 
     @property
+    def narrow_tile(self):
+        return jnp.exp(self.log_narrow_tile)
+
+    @property
     def comm_bw_eff(self):
         return jax_sigmoid(self.comm_bw_logit)
 
@@ -280,6 +290,7 @@ class CostParams(eqx.Module):
                 "seq_time_us": f(self.seq_time[op] * 1e6),
                 "seq_half": f(self.seq_half[op]),
                 "item_wave": f(self.item_wave[op]),
+                "narrow_tile": f(self.narrow_tile[op]),
             } for op in Op},
             "comms": {c.name.lower(): {
                 "bw_eff": f(self.comm_bw_eff[c]),
@@ -323,6 +334,7 @@ class CostParams(eqx.Module):
                 seq_time=[ops[o.name.lower()].get("seq_time_us", TIME_OFF * 1e6) * 1e-6 for o in Op],
                 seq_half=[ops[o.name.lower()].get("seq_half", SEQ_HALF_OFF) for o in Op],
                 item_wave=[ops[o.name.lower()].get("item_wave", ITEM_WAVE_OFF) for o in Op],
+                narrow_tile=[ops[o.name.lower()].get("narrow_tile", NARROW_TILE_OFF) for o in Op],
                 comm_bw_eff=[comms[c.name.lower()]["bw_eff"] for c in Comm],
                 comm_latency_scale=[comms[c.name.lower()]["latency_scale"] for c in Comm],
                 comm_s_half=cget("s_half_bytes", COMM_OFF["s_half"]),
@@ -368,6 +380,8 @@ TIME_OFF = 1e-30
 SEQ_HALF_OFF = 1e30
 #: decode items per first wave that switch the wave discount off (every item pays its time)
 ITEM_WAVE_OFF = 1e-30
+#: ratio of the prefill query tile at narrow heads to wider heads that switches that term off
+NARROW_TILE_OFF = 1.0
 
 
 def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
@@ -375,7 +389,7 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
                 step_noise_sigma=0.0, comm_s_half=None, comm_beta=None, comm_group_exp=None,
                 comm_overhead_s=None, pair_width=None, serial_bw=None, item_time=None,
                 split_time=None, gqa_pack=None, group_time=None, block_half=None, width_time=None,
-                seq_time=None, seq_half=None, item_wave=None) -> CostParams:
+                seq_time=None, seq_half=None, item_wave=None, narrow_tile=None) -> CostParams:
     """Build CostParams from physical values (collective terms and the attention pair width left
     out are switched off, see COMM_OFF, PAIR_WIDTH_OFF, SERIAL_BW_OFF, ITEM_TIME_OFF and
     SPLIT_TIME_OFF; the GQA packing is full, GQA_PACK_FULL; the block ramp off, BLOCK_HALF_OFF)."""
@@ -410,6 +424,7 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
                                                     else seq_half, dtype=np.float64), 1e30))),
         log_item_wave=a(np.log(np.maximum(np.asarray([ITEM_WAVE_OFF] * NUM_OPS if item_wave is None
                                                      else item_wave, dtype=np.float64), 1e-30))),
+        log_narrow_tile=a(np.log(pos([NARROW_TILE_OFF] * NUM_OPS if narrow_tile is None else narrow_tile))),
         comm_bw_logit=a(_logit(clip(comm_bw_eff))),
         log_comm_latency_scale=a(np.log(pos(comm_latency_scale))),
         log_comm_s_half=a(np.log(pos(full(comm_s_half, "s_half")))),
@@ -476,20 +491,41 @@ def params_path(device_name: str) -> Path | None:
     return None
 
 
-def load_params(device_name: str, kind: str = "gpu") -> tuple[CostParams, str]:
-    """Fitted parameters for a device if a file exists, else defaults; returns (params, origin)."""
+def load_params(device_name: str, kind: str = "gpu", gemm_stack: str | None = None) -> tuple[CostParams, str]:
+    """Fitted parameters for a device if a file exists, else defaults; returns (params, origin).
+
+    `gemm_stack`: the GEMM parameters of that measuring software stack (a key of the file's
+    params.stacks, see mist.calibration.stacks) instead of the device's default stack."""
+    from ..specs.errors import SpecError
+
     p = params_path(device_name)
     if p is None:
+        if gemm_stack is not None:
+            raise SpecError(device_name, "gemm_stack", f"'{gemm_stack}': the device has no calibrated "
+                            "parameters, so no GEMM stacks", "leave gemm_stack out (uncalibrated defaults)")
         return default_params(kind), "default (uncalibrated)"
     d = json.loads(p.read_text())
-    return CostParams.from_dict(d["params"] if "params" in d else d, str(p)), d.get("origin", str(p))
+    block = d["params"] if "params" in d else d
+    origin = d.get("origin", str(p))
+    if gemm_stack is None or gemm_stack == d.get("gemm_stacks", {}).get("default"):
+        return CostParams.from_dict(block, str(p)), origin
+    from ..calibration.stacks import stacks_from_dict
+
+    stacks = stacks_from_dict(block, str(p))
+    if gemm_stack not in stacks:
+        have = sorted(stacks) + [d.get("gemm_stacks", {}).get("default") or "the default"]
+        raise SpecError(str(p), "gemm_stack", f"'{gemm_stack}': no GEMM parameters of that stack",
+                        f"use one of: {', '.join(map(str, have))}")
+    return stacks[gemm_stack], f"{origin}; GEMM stack {gemm_stack}"
 
 
 def save_params(params: CostParams, device_name: str, meta: dict | None = None,
-                directory: Path | None = None) -> Path:
+                directory: Path | None = None, extra: dict | None = None) -> Path:
+    """Write calibration/params/<device>.json: `meta` at the top level, the parameters (and the
+    `extra` keys, e.g. per-stack parameters) under "params"."""
     directory = directory or params_dirs()[0]
     directory.mkdir(parents=True, exist_ok=True)
     p = directory / f"{device_name}.json"
-    out = {"device": device_name, **(meta or {}), "params": params.to_dict()}
+    out = {"device": device_name, **(meta or {}), "params": {**params.to_dict(), **(extra or {})}}
     p.write_text(json.dumps(out, indent=2) + "\n")
     return p

@@ -68,6 +68,9 @@ class ClientSpec:
     devices: int | None = None  # devices a server client occupies (for power and cost)
     params: CostParams | None = None
     step_noise_sigma: float | None = None
+    # GEMM kernels of this measuring software stack (a key of the device's calibrated params.stacks,
+    # e.g. "vidur": Vidur's 2024 cuBLAS) instead of the device's newest (see mist.calibration.stacks)
+    gemm_stack: str | None = None
     # encoders: attention sees at most this many tokens at once (blocks of bidirectional attention)
     attention_block: int | None = None
     # declarative stage this client was lowered from (mist.lowering.stages), None for plain clients
@@ -230,7 +233,11 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
         role = _choice(ROLES, cs.role, where, "role")
         if cs.max_num_seqs < 1 or cs.block_size < 1:
             raise SpecError(where, "max_num_seqs/block_size", "must be >= 1", "use positive values")
-        params, origin = (cs.params, "given") if cs.params is not None else load_params(dev.name, dev.kind)
+        if cs.params is not None and cs.gemm_stack is not None:
+            raise SpecError(where, "gemm_stack", "set together with explicit cost params",
+                            "pass the stack's parameters (load_params(device, gemm_stack=...)) or leave gemm_stack out")
+        params, origin = ((cs.params, "given") if cs.params is not None
+                          else load_params(dev.name, dev.kind, gemm_stack=cs.gemm_stack))
         if cs.step_noise_sigma is not None:
             if cs.step_noise_sigma < 0:
                 raise SpecError(where, "step_noise_sigma", "must be >= 0", "use 0 (off) or e.g. 0.05")
