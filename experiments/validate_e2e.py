@@ -634,7 +634,10 @@ NOTES = """### Reading these numbers
   stacks). Held-out TP 4 / test configurations, previous round -> this round: Splitwise TTFT 14.5% ->
   13.4% (H100 13.5% -> 11.2%: single 512-8192-token prompts 1-6 points closer; A100 15.5% -> 15.6%:
   single prompts 1-3 points closer, batches of 4-64 prompts 2-3 points further), TBT 3.4% -> 3.2%,
-  e2e 4.2% -> 4.1%, vLLM latency 13.5% unchanged, TensorRT-LLM 7.7% -> 7.8%.
+  e2e 4.2% -> 4.1%, vLLM latency 13.5% unchanged, TensorRT-LLM 7.7% -> 7.8%. Measured and not kept:
+  simulating Splitwise's 2023 vLLM with the GEMM parameters of Vidur's 2024 profiles (the stack
+  nearest to it in time; `--only splitwise --gemm-stack vllm-2023=vidur`, CPU terms refitted on the
+  Splitwise rows) gives held-out TTFT 14.7% (A100 15.4%, H100 14.0%), TBT 3.6%, e2e 4.2%: no better.
 * **Previous round: a CPU time per GPU worker for Splitwise's 2023 vLLM** (`PER_WORKER_PROFILES`; host time
   per iteration = cpu_iter + per_worker x TP). vLLM 0.1/0.2 ran each tensor-parallel rank as a Ray actor
   and its driver dispatched every iteration to every worker with a remote call, so the host time per
