@@ -1,5 +1,8 @@
 """Sweep speed: configs per second and simulated requests per second of `mist.sweep`, with
-lowering, compile and summary time reported separately from simulation time.
+lowering, compile and summary time reported separately from simulation time. The summaries of
+configs that ended are computed while the next compiled call simulates, so `sweep_s` (simulation and
+summaries, wall time) is less than run_s + summ_s. On CPU, `import mist` makes one XLA device per
+core (MIST_CPU_DEVICES=1 for one), and the configs are sharded over them.
 
 Configs are Latin-hypercube samples over hardware (H100, H200, A100-80GB, B200), tensor
 parallelism (1, 2), max_num_seqs (64, 128), max_num_batched_tokens (4096, 8192) and arrival rate
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
             df = run_prepared(prep, progress=False)
             total = time.perf_counter() - t1
             info = prep.info
+            # the summaries run while the next compiled call simulates (see runner.run_chunks): `summ` is
+            # the consumer's own time, `sweep_s` the wall time of simulation and summaries, compile excluded
             summ = total - info.run_s - info.compile_s
             # lanes x batch steps = every lane-step run, busy or idle (a lane idles from its config's
             # end to the end of a call, and in the tail once no config waits)
@@ -78,6 +83,7 @@ def main(argv=None) -> int:
             feas = int(df["feasible"].sum())
             rows.append({"configs": nc, "requests": nr, "feasible": feas, "skipped": False,
                          "lower_s": t1 - t0, "compile_s": info.compile_s, "run_s": info.run_s, "summary_s": summ,
+                         "sweep_s": total - info.compile_s, "devices": info.devices,
                          "configs_per_s": feas / info.run_s, "sim_requests_per_s": feas * nr / info.run_s,
                          "lanes": info.configs_per_chunk, "batch_steps": info.steps,
                          "lane_steps_per_config": lane_steps / nc, "config_steps_mean": mean_steps,
@@ -100,15 +106,16 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(out["deployment"], "|", out["machine"], "|", out["jax_backend"])
+    print(out["deployment"], "|", out["machine"], "|", out["jax_backend"], f"x {out['devices']} devices")
     print(f"{'configs':>7} {'requests':>8} {'lanes':>5} {'lower_s':>7} {'compile_s':>9} {'run_s':>8} {'summ_s':>7} "
+          f"{'sweep_s':>7} "
           f"{'cfg/s':>8} {'req/s':>9} {'steps/cfg':>9} {'lane-steps/cfg':>14} {'us/lane-step':>12}")
     for r in rows:
         if r["skipped"]:
             print(f"{r['configs']:>7} {r['requests']:>8}  skipped: estimated {r['estimated_run_s']:.0f} s of simulation")
             continue
         print(f"{r['configs']:>7} {r['requests']:>8} {r['lanes']:>5} {r['lower_s']:>7.1f} {r['compile_s']:>9.1f} "
-              f"{r['run_s']:>8.2f} {r['summary_s']:>7.1f} {r['configs_per_s']:>8.2f} {r['sim_requests_per_s']:>9.0f} "
+              f"{r['run_s']:>8.2f} {r['summary_s']:>7.1f} {r['sweep_s']:>7.1f} {r['configs_per_s']:>8.2f} {r['sim_requests_per_s']:>9.0f} "
               f"{r['config_steps_mean']:>9.0f} {r['lane_steps_per_config']:>14.0f} {r['us_per_lane_step']:>12.1f}")
     if target:
         print(f"1000 configs x 10k requests: estimated {target['estimated_run_s']:.0f} s of simulation (goal 120 s)")

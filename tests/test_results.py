@@ -386,3 +386,17 @@ def test_real_simulation_consistent(tmp_path):
     assert r["sim_compile_s"] > 0 and r["sim_run_s"] > 0
     paths = write_outputs(tmp_path, lo, st_, r, stats, df=df)
     assert json.loads(paths["summary"].read_text())["completed"] == r["completed"]
+
+
+def test_names_of_lookup_matches_per_row_loop():
+    """The table lookup behind the frame's name columns gives what a per-row loop gives, codes
+    outside the table included (negative, and past the end)."""
+    from mist.results.frame import _names_of, reject_reason
+
+    codes = np.array([0, 2, -1, 7, 1, 7, 5, 3])
+    names = ["a", "b", "c"]
+    got = _names_of(codes, names, lambda c: f"x{c}")
+    assert list(got) == [names[c] if 0 <= c < 3 else f"x{c}" for c in codes]
+    msgs = [reject_reason(c) for c in range(6)]
+    rcodes = np.array([0, 4, 1, 0, 5])
+    assert list(_names_of(rcodes, msgs, reject_reason)) == [reject_reason(c) for c in rcodes]

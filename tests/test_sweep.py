@@ -270,3 +270,20 @@ def test_search_finds_the_cheapest_deployment_meeting_the_slo(swept):
     none = search(slo={"ttft_ms": 1e-3, "tpot_ms": 1e-3}, **kw)
     assert none.best is None and none.runners_up.empty
     assert "no deployment meets the SLOs" in none.report()
+
+
+def test_import_makes_one_cpu_device_per_core():
+    """`import mist` gives JAX one CPU device per usable core (a sweep shards over them), or
+    MIST_CPU_DEVICES of them; a user's own XLA_FLAGS device count wins; a bad value is a clear error."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "MIST_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    code = "import mist, jax; print(len(jax.devices()))"
+
+    def devices(**extra):
+        p = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else p.stderr
+
+    assert devices() == str(min(len(os.sched_getaffinity(0)), 32))
+    assert devices(MIST_CPU_DEVICES="3") == "3"
+    assert devices(MIST_CPU_DEVICES="3", XLA_FLAGS="--xla_force_host_platform_device_count=5") == "5"
+    assert "MIST_CPU_DEVICES='0'" in devices(MIST_CPU_DEVICES="0")

@@ -40,6 +40,17 @@ def reject_reason(code: int) -> str:
     return "" if code == Reject.NONE else REJECT_MESSAGES.get(Reject(code), f"rejected (code {code})")
 
 
+def _names_of(codes: np.ndarray, names: list[str], other) -> np.ndarray:
+    """names[code] per entry (object array), `other(code)` for codes outside 0..len(names)-1: a
+    lookup table indexed at once instead of a Python loop over the requests."""
+    codes = np.asarray(codes, dtype=np.int64)
+    inside = (codes >= 0) & (codes < len(names))
+    out = np.array(list(names) + [""], dtype=object)[np.where(inside, codes, len(names))]
+    for c in np.unique(codes[~inside]):
+        out[codes == c] = other(int(c))
+    return out
+
+
 def requests_frame(lowered, state) -> pd.DataFrame:
     """One row per valid request; times in seconds (NaN where a time was never reached).
 
@@ -60,8 +71,7 @@ def requests_frame(lowered, state) -> pd.DataFrame:
     out = _host(wl.output_tokens)[idx].astype(np.int64)
     cached = _host(wl.cached_tokens)[idx].astype(np.int64)
     pipe = _host(wl.pipeline)[idx].astype(np.int64)
-    names = list(lowered.pipeline_names)
-    pipe_name = np.array([names[p] if 0 <= p < len(names) else f"pipeline{p}" for p in pipe], dtype=object)
+    pipe_name = _names_of(pipe, list(lowered.pipeline_names), lambda p: f"pipeline{p}")
 
     reject = _host(state.o_reject)[idx].astype(np.int64)
     rejected = reject != Reject.NONE
@@ -88,13 +98,12 @@ def requests_frame(lowered, state) -> pd.DataFrame:
         "output_tokens": out, "cached_tokens": cached, "scheduled": start[:, 0], "first_token": first,
         "finish": finish, "ttft": first - arrival, "e2e": finish - arrival, "tpot": tpot, "queueing": queueing,
         "preemptions": _host(state.o_preemptions)[idx].astype(np.int64), "rejected": rejected,
-        "reject_code": reject, "reject_reason": np.array([reject_reason(c) for c in reject], dtype=object),
+        "reject_code": reject, "reject_reason": _names_of(reject, [reject_reason(c) for c in range(max(Reject) + 1)], reject_reason),
         "completed": completed,
     }
     cnames = list(lowered.client_names)
     for k in range(K):
-        cols[f"stage{k}_client"] = np.array([cnames[c] if 0 <= c < len(cnames) else "" for c in sclient[:, k]],
-                                            dtype=object)
+        cols[f"stage{k}_client"] = _names_of(sclient[:, k], cnames, lambda c: "")
         cols[f"stage{k}_start"] = start[:, k]
         cols[f"stage{k}_end"] = end[:, k]
     return pd.DataFrame(cols)

@@ -205,9 +205,10 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
     seen_p: set = set()  # lane counts the setter (and getter) have been compiled for
     on_cpu = all(d.platform == "cpu" for d in (jax.local_devices() if devices is None else devices))
     info.chunks += 1
+    st = fn(cl, topo, wl, n_valid_d, st, tabs)
+    info.steps += length
     while True:
-        st = fn(cl, topo, wl, n_valid_d, st, tabs)
-        info.steps += length
+        result = None
         live = np.asarray(lane) >= 0
         done = np.asarray(st.completed) >= n_valid
         steps = np.asarray(st.steps)
@@ -240,9 +241,7 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
             info.configs += len(ended)
             if bar is not None:
                 bar.update(len(ended))
-            info.run_s += time.perf_counter() - t0  # the consumer's time between calls is not run time
-            yield ChunkResult(rows=[lane[i] for i in ended], state=host, steps=steps[ended], stuck=why)
-            t0 = time.perf_counter()
+            result = ChunkResult(rows=[lane[i] for i in ended], state=host, steps=steps[ended], stuck=why)
             nxt = [pending.pop() if pending else -1 for _ in ended]
             for i, r in zip(ended, nxt):
                 lane[i] = r
@@ -280,7 +279,15 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
                 tabs = prog["tables"](cl)
                 prev[new] = -1
             n_valid_d = place(n_valid, sharding)
-        if all(r < 0 for r in lane):
+        more = any(r >= 0 for r in lane)
+        if more:  # dispatched asynchronously: the lanes run while the consumer handles `result`
+            st = fn(cl, topo, wl, n_valid_d, st, tabs)
+            info.steps += length
+        if result is not None:
+            info.run_s += time.perf_counter() - t0  # the consumer's time between calls is not run time
+            yield result
+            t0 = time.perf_counter()
+        if not more:
             break
     info.run_s += time.perf_counter() - t0
     if bar is not None:
