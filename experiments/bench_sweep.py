@@ -115,7 +115,8 @@ def main(argv=None) -> int:
             print(f"{r['configs']:>7} {r['requests']:>8}  skipped: estimated {r['estimated_run_s']:.0f} s of simulation")
             continue
         print(f"{r['configs']:>7} {r['requests']:>8} {r['lanes']:>5} {r['lower_s']:>7.1f} {r['compile_s']:>9.1f} "
-              f"{r['run_s']:>8.2f} {r['summary_s']:>7.1f} {r['sweep_s']:>7.1f} {r['configs_per_s']:>8.2f} {r['sim_requests_per_s']:>9.0f} "
+              f"{r['run_s']:>8.2f} {r['summary_s']:>7.1f} {r['sweep_s']:>7.1f} {r['configs_per_s']:>8.2f} "
+              f"{r['sim_requests_per_s']:>9.0f} "
               f"{r['config_steps_mean']:>9.0f} {r['lane_steps_per_config']:>14.0f} {r['us_per_lane_step']:>12.1f}")
     if target:
         print(f"1000 configs x 10k requests: estimated {target['estimated_run_s']:.0f} s of simulation (goal 120 s)")

@@ -98,7 +98,8 @@ def requests_frame(lowered, state) -> pd.DataFrame:
         "output_tokens": out, "cached_tokens": cached, "scheduled": start[:, 0], "first_token": first,
         "finish": finish, "ttft": first - arrival, "e2e": finish - arrival, "tpot": tpot, "queueing": queueing,
         "preemptions": _host(state.o_preemptions)[idx].astype(np.int64), "rejected": rejected,
-        "reject_code": reject, "reject_reason": _names_of(reject, [reject_reason(c) for c in range(max(Reject) + 1)], reject_reason),
+        "reject_code": reject,
+        "reject_reason": _names_of(reject, [reject_reason(c) for c in range(max(Reject) + 1)], reject_reason),
         "completed": completed,
     }
     cnames = list(lowered.client_names)

@@ -2,7 +2,9 @@
 
 One host, several devices: the config axis of every stacked array is sharded over a 1-D `Mesh`
 of the devices (`NamedSharding(mesh, P("configs"))`), so the same compiled, vmapped chunk runs each
-device's share of configs; chunks hold a multiple of the device count.
+device's share of configs; chunks hold a multiple of the device count. On CPU, `import mist` makes
+one XLA device per usable core (see `mist._cpu_devices`; MIST_CPU_DEVICES=N to choose), so a sweep
+uses every core: XLA runs one CPU device's kernels on one core.
 
 Several hosts: start every host with the same sweep and call `jax.distributed.initialize()`
 (arguments from the environment or the cluster's launcher) before anything else touches JAX. Each
