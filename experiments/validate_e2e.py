@@ -660,12 +660,18 @@ NOTES = """### Reading these numbers
   token iterations (+10-20%) and under-predicts 4096-32768 (A100 TP 4 batches of 8-64 prompts -27 to
   -39%, H100 -8 to -10%; single 8192-token prompts -21% and -15%). We did not find the mechanism in the data
   we have (not attention: a 4096-token prompt has 8x the attention work of eight 512-token prompts and
-  takes the same time). On A100 the slowdown follows the length of the uninterrupted prompt burst
-  rather than the tokens of one iteration: TP 4 takes 0.20 ms per token for one 2048-token prompt
-  (0.4 s), 0.24 for 4096 (1.0 s), 0.29 for 8192 (2.3 s) and 0.30-0.35 for batches of 8-64 prompts of
-  512 (1.2-10.8 s), and the source's peak power column reaches the A100's TDP from 2048 tokens on,
-  which points at power or thermal clock throttling; H100 shows no such growth with batch (52-55 ms per
-  512-token prompt at batch 4-64). The engine has no clock model, so this stays an error.
+  takes the same time). On A100 two effects add up. (1) One prompt slows down per token as it
+  grows: TP 4 takes 0.20 ms per token for one 2048-token prompt (0.4 s), 0.24 for 4096 (1.0 s) and
+  0.29 for 8192 (2.3 s), and the source's peak power column reaches the A100's TDP from 2048 tokens
+  on (power or clock throttling is one candidate). (2) A batch of short prompts is slower than one
+  prompt of the same tokens and about the same duration: at TP 4, 8 x 512 tokens take 1.21 s against
+  0.97 s for one 4096-token prompt (1.25x); over TP 2-8 and batches of 2-16 the batch is 1.07-1.34x
+  slower, 6-53 ms per extra prompt. Burst length (throttling) cannot explain (2). H100 goes the other
+  way on the same pairs (0.89-1.00x: the batch has less attention work), as the roofline predicts. A
+  per-prompt cost that only the A100 runs pay (their host, or the 2023 vLLM prefill path on Ampere)
+  would explain (2) (checked 2026-12-03 on experiments/results/validate_e2e.csv, measured columns);
+  no measurement we have separates the candidates, and the engine models neither, so this stays an
+  error.
 * **After this round's kernel terms** (decode attention: a head-width fill time per call, a first wave
   of items whose fixed work hides under the call's fixed time, a per-sequence time for heads wider than
   256; GEMM: split-K on the K-loop floor; prefill: a fixed time per thread block beyond the first wave;
