@@ -54,12 +54,14 @@ _COMPILED: dict = {}
 
 # Lane refilling (see `run_chunks`). A batch of B lanes runs about (total steps of its configs) / B
 # steps plus a tail (the configs started last), against (slowest config's steps) x (configs / B)
-# without refilling; per lane-step, XLA on CPU is ~25% cheaper at 256 lanes than at 64 (fewer,
-# longer kernels), so the default lane count is a quarter of the configs, at least MIN_LANES.
-# Measured on 256 configs x 1k requests (experiments/bench_sweep.py's configs; 2-core CPU):
-# 1,472 lane-steps per config with 64 lanes against 2,176 with 256 lanes run once (mean steps 1,175).
-REFILLS = 4
-MIN_LANES = 64
+# without refilling. Fewer lanes waste fewer steps in the tail; more lanes share each kernel's fixed
+# cost. Measured with experiments/bench_sweep.py's configs on the 2-core CPU: one device, 256 x 1k,
+# 1,472 lane-steps per config with 64 lanes against 2,176 with 256 lanes run once (mean steps 1,175);
+# two devices (one per core, 2026-12-03), a lane-step costs about the same from 16 lanes per device
+# up, so about eight configs per lane win: 256 x 10k 121.7 s with 32 lanes against 130-133 s with
+# 64, 1000 x 1k 43.4 s with 126 lanes against 45.5 s with 250, 256 x 1k a tie (11.0 / 11.2 s).
+REFILLS = 8
+MIN_LANES = 32
 # scan steps per compiled call (a lane idles from its config's end to the end of the call, half a call
 # on average; a call costs one host synchronisation, ~1 ms against ~1 s of a 64-lane call)
 REFILL_CALL = 128
@@ -83,8 +85,8 @@ def _memory_budget(memory_gb: float | None) -> int:
 def chunk_size(dims: EngineDims, n_configs: int, *, configs_per_chunk: int | None = None,
                memory_gb: float | None = None, shards: int = 1, ls: LoweredSweep | None = None) -> int:
     """Lanes of the compiled batch: the given number, else what fits the memory budget but no more
-    than max(MIN_LANES, a quarter of the configs), so that a large sweep refills each lane about
-    four times (see `run_chunks`); never more than the sweep needs, and a multiple of the number of
+    than max(MIN_LANES, an eighth of the configs), so that a large sweep refills each lane about
+    eight times (see `run_chunks`); never more than the sweep needs, and a multiple of the number of
     devices the batch is sharded over."""
     if configs_per_chunk is None:
         per = bytes_per_config(dims, ls)
