@@ -17,7 +17,7 @@ _jax.config.update("jax_enable_x64", True)
 def _cpu_devices() -> None:
     """One XLA CPU device per usable core (at most 32), so that a sweep's config axis is sharded
     over all of them (mist.sweep.sharding). XLA runs one device's kernels on one core; one device
-    leaves the others idle (on 2 cores, 2 devices run a sweep 1.5-1.9x faster). Single simulations
+    leaves the others idle (on 2 cores, 2 devices ran bench_sweep 1.6-2.2x faster). Single simulations
     run on the first device, as before. Left alone when the user chose: MIST_CPU_DEVICES=N, JAX's
     own JAX_NUM_CPU_DEVICES or XLA_FLAGS' --xla_force_host_platform_device_count, or when JAX's
     backends are already initialised (the setting can then no longer apply)."""
