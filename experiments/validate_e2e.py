@@ -16,7 +16,8 @@ all configurations share one compiled engine program (same capacities) and run a
 
 Fitting: the CPU-side terms of each device's CostParams (log_cpu_iter, log_cpu_per_seq,
 log_cpu_per_token; for Splitwise's 2023 vLLM also a time per GPU worker and iteration, see
-PER_WORKER_PROFILES) are fitted with optax (Adam) by differentiating a log-space error of the
+PER_WORKER_PROFILES, and a time per prefilled prompt, log_cpu_per_prompt, see PER_PROMPT_PROFILES)
+are fitted with optax (Adam) by differentiating a log-space error of the
 simulated against the measured latency THROUGH the engine's scan (`run_chunk.__wrapped__`, the
 un-jitted scan, under jax.checkpoint). With all requests arriving at t = 0 the engine's discrete
 decisions (admission, preemption, stretch lengths) do not depend on the times, so they are held
@@ -83,6 +84,15 @@ PER_WORKER_PROFILES = ("vllm-2023",)
 #: per-worker time (s) that switches the term off, and where a fit starts it
 PER_WORKER_OFF = 1e-12
 PER_WORKER_START = 1e-3
+#: serving stacks that pay a time per prompt chunk an iteration prefills (the engine's
+#: params.cpu_per_prompt, theta[4]). Measured: Splitwise's A100 prompt time of a batch of B
+#: 512-token prompts exceeds that of one prompt of the same tokens by 6-53 ms per extra prompt (TP 4,
+#: 8 x 512: 1.21 s vs 1 x 4096: 0.97 s); the other stacks' LLM-Inference-Bench rows give the fit no
+#: handle on it (every row prefills B equal prompts together), so it stays off there.
+PER_PROMPT_PROFILES = ("vllm-2023",)
+#: where a fit starts the per-prompt time (s); the value that switches it off is the engine's
+#: CPU_PROMPT_OFF
+PER_PROMPT_START = 1e-2
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -236,29 +246,40 @@ def lower_row(row):
     return None
 
 
-def fold_workers(theta, tp, on):
-    """Engine CPU terms (log_iter, log_per_seq, log_per_token) from theta = (log_iter, log_per_seq,
-    log_per_token, log_per_worker) for a replica of `tp` GPUs: cpu_iter + per_worker x tp when the
-    stack dispatches to each worker (`on`, see PER_WORKER_PROFILES), else cpu_iter. Differentiable."""
+def fold_workers(theta, tp, on, prompt_on=0.0):
+    """Engine CPU terms (log_iter, log_per_seq, log_per_token, log_per_prompt) from theta =
+    (log_iter, log_per_seq, log_per_token[, log_per_worker[, log_per_prompt]]) for a replica of `tp`
+    GPUs: cpu_iter + per_worker x tp when the stack dispatches to each worker (`on`, see
+    PER_WORKER_PROFILES), else cpu_iter; the per-prompt time where `prompt_on` (PER_PROMPT_PROFILES),
+    else off (CPU_PROMPT_OFF). Differentiable."""
     import jax.numpy as jnp
 
+    from mist.cost.params import CPU_PROMPT_OFF
+
     theta = jnp.asarray(theta)
+    off = jnp.full(theta.shape[:-1], np.log(CPU_PROMPT_OFF), theta.dtype)
     if theta.shape[-1] == 3:
-        return theta
+        return jnp.concatenate([theta, off[..., None]], axis=-1)
     it = jnp.exp(theta[..., 0]) + jnp.asarray(on, theta.dtype) * jnp.exp(theta[..., 3]) * jnp.asarray(tp, theta.dtype)
-    return jnp.stack([jnp.log(it), theta[..., 1], theta[..., 2]], axis=-1)
+    pp = off if theta.shape[-1] < 5 else jnp.where(jnp.asarray(prompt_on) > 0, theta[..., 4], off)
+    return jnp.stack([jnp.log(it), theta[..., 1], theta[..., 2], pp], axis=-1)
 
 
 def with_cpu(clients, theta):
-    """ClientTable whose CPU terms are replaced by theta[..., 0:3] (broadcast over clients)."""
+    """ClientTable whose CPU terms (iteration, sequence, token, prompt) are replaced by theta[..., 0:4]
+    (broadcast over clients)."""
     import equinox as eqx
     import jax.numpy as jnp
 
     p = clients.params
     shape = p.log_cpu_iter.shape
+    theta = jnp.asarray(theta)
+    if theta.shape[-1] == 3:  # (iteration, sequence, token): no per-prompt time
+        theta = fold_workers(theta, 1.0, 0.0)
     # float64 leaves always (the engine costs in float64): one dtype, so one compiled program
-    vals = tuple(jnp.broadcast_to(jnp.asarray(theta[..., i], jnp.float64)[..., None], shape) for i in range(3))
-    p2 = eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token), p, vals)
+    vals = tuple(jnp.broadcast_to(jnp.asarray(theta[..., i], jnp.float64)[..., None], shape) for i in range(4))
+    p2 = eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token, q.log_cpu_per_prompt),
+                     p, vals)
     return eqx.tree_at(lambda c: c.params, clients, p2)
 
 
@@ -322,7 +343,8 @@ def simulate_rows(rows: pd.DataFrame, theta_by_device: dict | None = None, log=p
         mem.append(lo.notes["memory_utilization"])
         th = (theta_by_device or {}).get(fit_key(r))
         th = current_theta(r["device"]) if th is None else th
-        th = fold_workers(jnp.asarray(th), float(r["tp"]), float(profile(r) in PER_WORKER_PROFILES))
+        th = fold_workers(jnp.asarray(th), float(r["tp"]), float(profile(r) in PER_WORKER_PROFILES),
+                          float(profile(r) in PER_PROMPT_PROFILES))
         lowered.append(replace(lo, clients=with_cpu(lo.clients, th)))
     log(f"  lowered {len(lowered)} configurations in {time.perf_counter() - t0:.1f} s")
     res = []
@@ -372,7 +394,7 @@ def add_errors(df: pd.DataFrame, tag: str) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- gradient fitting
 def make_loss(dims, n_steps: int, inner: int = 8):
-    """loss(theta[D, 4], batch) for a vmapped group of configurations: mean squared log error of
+    """loss(theta[D, 5], batch) for a vmapped group of configurations: mean squared log error of
     simulated vs measured latency (LLM-Inference-Bench), or TTFT / TBT / e2e (Splitwise), through
     `n_steps` scan steps of the engine (checkpointed every `inner` steps to bound memory)."""
     import jax
@@ -392,7 +414,7 @@ def make_loss(dims, n_steps: int, inner: int = 8):
         return fin, ft, st.completed
 
     def loss(theta, batch):
-        th = fold_workers(theta[batch["dev"]], batch["tp"], batch["pw_on"])
+        th = fold_workers(theta[batch["dev"]], batch["tp"], batch["pw_on"], batch["pp_on"])
         clients = with_cpu(batch["clients"], th)
         n_valid = jnp.sum(batch["wl"].valid, axis=-1).astype(jnp.int32)
         fin, ft, done = jax.vmap(one)(clients, batch["topo"], batch["wl"], n_valid)
@@ -419,15 +441,15 @@ def fit_batches(rows: pd.DataFrame, devices: list[str]):
             w = (1.0, 0.0, 0.0)
         items.append(lo)
         meta.append((devices.index(fit_key(r)), y, w, max(sim_output(r) - 1, 1), float(r["tp"]),
-                     float(profile(r) in PER_WORKER_PROFILES)))
+                     float(profile(r) in PER_WORKER_PROFILES), float(profile(r) in PER_PROMPT_PROFILES)))
     return items, meta
 
 
 def fit_cpu(train: pd.DataFrame, theta0: dict, steps: int, lr: float, n_steps: int, log=print,
             batch_size: int = 16, seed: int = 0):
-    """Adam on theta[device] = (log_cpu_iter, log_cpu_per_seq, log_cpu_per_token, log_cpu_per_worker)
-    through the scan (the per-worker term only moves for PER_WORKER_PROFILES: elsewhere its gradient
-    is zero)."""
+    """Adam on theta[device] = (log_cpu_iter, log_cpu_per_seq, log_cpu_per_token, log_cpu_per_worker,
+    log_cpu_per_prompt) through the scan (the per-worker and per-prompt terms only move for
+    PER_WORKER_PROFILES and PER_PROMPT_PROFILES: elsewhere their gradients are zero)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -454,7 +476,8 @@ def fit_cpu(train: pd.DataFrame, theta0: dict, steps: int, lr: float, n_steps: i
                  "w": jnp.asarray([meta[i][2] for i in idx], jnp.float64),
                  "n_dec": jnp.asarray([meta[i][3] for i in idx], jnp.float64),
                  "tp": jnp.asarray([meta[i][4] for i in idx], jnp.float64),
-                 "pw_on": jnp.asarray([meta[i][5] for i in idx], jnp.float64)}
+                 "pw_on": jnp.asarray([meta[i][5] for i in idx], jnp.float64),
+                 "pp_on": jnp.asarray([meta[i][6] for i in idx], jnp.float64)}
         (val, (fin, done)), g = vg(theta, batch)
         if not bool(jnp.all(done >= jnp.sum(lo.workload.valid, -1))):
             log(f"  warning: step {it}: a configuration did not finish within {n_steps} scan steps")
@@ -467,7 +490,9 @@ def fit_cpu(train: pd.DataFrame, theta0: dict, steps: int, lr: float, n_steps: i
                             f"seq {np.exp(float(theta[i, 1])) * 1e6:.1f} us, "
                             f"tok {np.exp(float(theta[i, 2])) * 1e6:.3f} us"
                             + (f", worker {np.exp(float(theta[i, 3])) * 1e3:.2f} ms" if d.split("|")[1]
-                               in PER_WORKER_PROFILES else "") for i, d in enumerate(devices)))
+                               in PER_WORKER_PROFILES else "")
+                            + (f", prompt {np.exp(float(theta[i, 4])) * 1e3:.2f} ms" if d.split("|")[1]
+                               in PER_PROMPT_PROFILES else "") for i, d in enumerate(devices)))
     return {d: np.asarray(theta[i]) for i, d in enumerate(devices)}, hist
 
 
@@ -482,7 +507,7 @@ def _current_theta(device: str) -> np.ndarray:
 
     p, _ = load_params(device, get_hardware(device).kind)
     return np.array([float(p.log_cpu_iter), float(p.log_cpu_per_seq), float(p.log_cpu_per_token),
-                     np.log(PER_WORKER_OFF)])
+                     np.log(PER_WORKER_OFF), float(p.log_cpu_per_prompt)])
 
 
 def _theta_json(t) -> dict:
@@ -490,15 +515,20 @@ def _theta_json(t) -> dict:
          "cpu_per_token_us": float(np.exp(t[2]) * 1e6)}
     if len(t) > 3:
         d["cpu_per_worker_us"] = float(np.exp(t[3]) * 1e6)
+    if len(t) > 4:
+        d["cpu_per_prompt_us"] = float(np.exp(t[4]) * 1e6)
     return d
 
 
-def _cpu_dict(theta: np.ndarray, origin: str, per_worker: bool = False) -> dict:
+def _cpu_dict(theta: np.ndarray, origin: str, per_worker: bool = False, per_prompt: bool = False) -> dict:
     d = {"iter_us": float(np.exp(theta[0]) * 1e6), "per_seq_us": float(np.exp(theta[1]) * 1e6),
          "per_token_us": float(np.exp(theta[2]) * 1e6)}
     if per_worker and len(theta) > 3:
         # host time per iteration = iter_us + per_worker_us x TP (see PER_WORKER_PROFILES)
         d["per_worker_us"] = float(np.exp(theta[3]) * 1e6)
+    if per_prompt and len(theta) > 4:
+        # host time per prompt chunk an iteration prefills (the engine's params.cpu_per_prompt)
+        d["per_prompt_us"] = float(np.exp(theta[4]) * 1e6)
     d["origin"] = origin
     return d
 
@@ -520,7 +550,7 @@ def write_cpu_block(device: str, fits: dict[str, tuple[np.ndarray, str]]) -> Pat
     variants = dict(cpu.get("variants", {}))
     for prof, (th, origin) in fits.items():
         if prof != "vllm":
-            variants[prof] = _cpu_dict(th, origin, prof in PER_WORKER_PROFILES)
+            variants[prof] = _cpu_dict(th, origin, prof in PER_WORKER_PROFILES, prof in PER_PROMPT_PROFILES)
     if variants:
         cpu["variants"] = variants
     d["params"]["cpu"] = cpu
@@ -759,20 +789,23 @@ def write_report_md(df: pd.DataFrame, summ: pd.DataFrame, fitted: dict | None, b
               "One set of CPU terms per device and serving stack (modern vLLM and TensorRT-LLM from "
               "LLM-Inference-Bench, Splitwise's 2023 vLLM); Splitwise's 2023 vLLM also pays a time per GPU worker "
               "and iteration (host time per iteration = cpu_iter + per_worker x TP: its driver dispatched every "
-              "step to each Ray worker), the other stacks a TP-independent cpu_iter; rows that preempt in the "
+              "step to each Ray worker) and a time per prompt it prefills, the other stacks a TP-independent "
+              "cpu_iter and no per-prompt time; rows that preempt in the "
               "simulation are left out of the fit. Stored: the modern-vLLM terms become the device's default `cpu` block in "
               "calibration/params/<device>.json; the other stacks' terms go under `cpu.variants` (A100-SXM-80GB "
               "has only Splitwise data, so its default stays unfitted).", "",
               "| device / stack | fitted on | cpu_iter us (before -> after) | per_seq us | per_token us "
-              "| per_worker us (x TP) |",
-              "|---|---|---|---|---|---|"]
+              "| per_worker us (x TP) | per_prompt ms |",
+              "|---|---|---|---|---|---|---|"]
         for d, th in fitted.items():
             b = before[d]
             L.append(f"| {d} | {fit_info['fitted_on'][d]} | {np.exp(b[0]) * 1e6:.0f} -> {np.exp(th[0]) * 1e6:.0f} | "
                      f"{np.exp(b[1]) * 1e6:.1f} -> {np.exp(th[1]) * 1e6:.1f} | "
                      f"{np.exp(b[2]) * 1e6:.4f} -> {np.exp(th[2]) * 1e6:.4f} | "
                      + (f"0 -> {np.exp(th[3]) * 1e6:.0f} |" if len(th) > 3 and d.split("|")[1] in PER_WORKER_PROFILES
-                        else "- |"))
+                        else "- |")
+                     + (f" 0 -> {np.exp(th[4]) * 1e3:.1f} |" if len(th) > 4 and d.split("|")[1] in PER_PROMPT_PROFILES
+                        else " - |"))
         L += ["", "Test configurations only (never seen by the fit), MAPE % before -> after:", "",
               "| quantity | before | after | n |", "|---|---|---|---|"]
         tb, ta = overall(df, "before", "test"), overall(df, "after", "test")
@@ -820,6 +853,7 @@ def write_report_md(df: pd.DataFrame, summ: pd.DataFrame, fitted: dict | None, b
 def report_only(args) -> int:
     """Re-score (plausibility) and rewrite the summary and report from a previous run's files."""
     import mist  # noqa: F401
+    from mist.cost.params import CPU_PROMPT_OFF
 
     df = pd.read_csv(args.out / "validate_e2e.csv")
     js = json.loads((args.out / "validate_e2e.json").read_text())
@@ -831,7 +865,8 @@ def report_only(args) -> int:
     fitted = before = None
     if "fitted" in js:
         th = lambda d: np.log(np.array([d["cpu_iter_us"], d["cpu_per_seq_us"], d["cpu_per_token_us"],  # noqa: E731
-                                        d.get("cpu_per_worker_us", PER_WORKER_OFF * 1e6)]) * 1e-6)
+                                        d.get("cpu_per_worker_us", PER_WORKER_OFF * 1e6),
+                                        d.get("cpu_per_prompt_us", CPU_PROMPT_OFF * 1e6)]) * 1e-6)
         fitted = {k: th(v) for k, v in js["fitted"].items()}
         before = {k: th(v) for k, v in js["before"].items()}
     summ = summary_table(df, tags)
@@ -908,8 +943,10 @@ def main(argv=None) -> int:
         n_steps = int(train["steps_before"].max()) + 8
         log(f"fitting CPU terms of {devs} on {len(train)} train rows, {steps} Adam steps, scan length {n_steps}")
         fit_rows = train.drop_duplicates(["source", "device", "model", "tp", "batch", "input", "output", "sim_out"])
-        start = {k: (np.concatenate([v[:3], [np.log(PER_WORKER_START)]]) if k.split("|")[1] in PER_WORKER_PROFILES
-                     else v) for k, v in before.items()}
+        start = {k: np.concatenate([v[:3], [np.log(PER_WORKER_START) if k.split("|")[1] in PER_WORKER_PROFILES
+                                            else v[3]],
+                                    [np.log(PER_PROMPT_START) if k.split("|")[1] in PER_PROMPT_PROFILES else v[4]]])
+                 for k, v in before.items()}
         fitted, hist = fit_cpu(fit_rows, start, steps=steps, lr=args.lr, n_steps=n_steps, log=log,
                                batch_size=8 if args.quick else 64)
         fit_info = {"method": f"optax Adam lr={args.lr}, {steps} steps, minibatches of configurations, loss = "

@@ -736,6 +736,25 @@ def test_tp_communication_in_iteration_by_hand():
     assert f(BD(p, lower_replica(DENSE, H100), batch(decode=[7]))["comm"]) == 0.0
 
 
+def test_cpu_terms_by_hand():
+    # a mixed batch: a prompt's last chunk (5 tokens), another prompt's first chunk (3 of more) and
+    # two decodes: 4 sequences, 10 tokens, 2 prompt chunks
+    d = ideal_params().to_dict()
+    d["cpu"] = {"iter_us": 1000.0, "per_seq_us": 20.0, "per_token_us": 0.5, "per_prompt_us": 300.0}
+    p = CostParams.from_dict(d)
+    rep = lower_replica(DENSE, H100)
+    b = batch(prefill=[5, 3], context=[4, 0], last=[True, False], decode=[7, 9])
+    assert close(f(BD(p, rep, b)["cpu"]), 1e-3 + 4 * 20e-6 + 10 * 0.5e-6 + 2 * 300e-6, rel=1e-5)
+    # decode-only iterations pay no per-prompt time; an empty one pays nothing
+    assert close(f(BD(p, rep, batch(decode=[7, 9]))["cpu"]), 1e-3 + 2 * 20e-6 + 2 * 0.5e-6, rel=1e-5)
+    assert f(BD(p, rep, batch())["cpu"]) == 0.0
+    # files written before the per-prompt term load with it off
+    del d["cpu"]["per_prompt_us"]
+    q = CostParams.from_dict(d)
+    assert close(f(BD(q, rep, b)["cpu"]), 1e-3 + 4 * 20e-6 + 10 * 0.5e-6, rel=1e-6)
+    assert f(default_params().cpu_per_prompt) < 1e-11
+
+
 def test_roofline_limits():
     p = ideal_params(sharpness=200.0)
     peak, bw = 1e15, 1e12

@@ -284,13 +284,22 @@ def test_random_workloads(seed, n, policy, max_num_seqs, rate, kv, replicas):
     assert_same_outputs(outputs(st, n), outputs(out["D1"][1], n), tol=1e-12)
 
 
-@pytest.mark.parametrize("max_num_seqs,kv,rate,out_max", [(4, None, 20.0, 60), (2, None, 6.0, 60), (4, 120, 6.0, 60),
-                                                           (2, None, 60.0, 60), (4, 45, 30.0, 200)])
-def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max):
+def with_prompt_time(lo, seconds):
+    """`lo` with every client paying `seconds` of host time per prefilled prompt chunk."""
+    p = lo.clients.params
+    p = dataclasses.replace(p, log_cpu_per_prompt=jax.numpy.full_like(p.log_cpu_per_prompt, np.log(seconds)))
+    return dataclasses.replace(lo, clients=dataclasses.replace(lo.clients, params=p))
+
+
+@pytest.mark.parametrize("max_num_seqs,kv,rate,out_max,prompt_s", [
+    (4, None, 20.0, 60, 0.0), (2, None, 6.0, 60, 0.0), (4, 120, 6.0, 60, 0.0), (2, None, 60.0, 60, 0.0),
+    (4, 45, 30.0, 200, 0.0), (4, None, 20.0, 60, 2e-3)])
+def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max, prompt_s):
     """A lone chunked-prefill client admits waiting queue entries and the next arrivals inside a
     decode stretch (dims.absorb): fewer scan steps, the same timestamps and iterations as ending
     every stretch at an arrival or a completion, and the reference engine's timestamps (also with
-    slots or KV blocks the binding limit, a saturated queue, and preemptions)."""
+    slots or KV blocks the binding limit, a saturated queue, preemptions, and a per-prompt host
+    time, which the mixed iterations of a stretch must charge as the per-iteration engine does)."""
     dep = Deployment.single(MODEL, "h100", policy="chunked", max_num_seqs=max_num_seqs, max_num_batched_tokens=1024,
                             chunk_size=512)
     reqs = workload(11, 30, rate=rate, out_max=out_max)
@@ -298,6 +307,7 @@ def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max):
     for absorb in (0, 8):
         lo = lower(dep, reqs, **D16, absorb=absorb)
         lo = with_kv_blocks(lo, kv) if kv else lo
+        lo = with_prompt_time(lo, prompt_s) if prompt_s else lo
         st, _ = simulate_arrays(lo.dims, lo.clients, lo.topology, lo.workload)
         runs[absorb] = (lo, jax.device_get(st))
     (lo, st), (_, st0) = runs[8], runs[0]
@@ -310,3 +320,7 @@ def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max):
     assert_invariants(lo, st, ref)
     if kv == 45:
         assert ref.preemptions.sum() > 0
+    if prompt_s:  # the prompt time changed the timestamps
+        base = lower(dep, reqs, **D16, absorb=8)
+        st_base, _ = simulate_arrays(base.dims, base.clients, base.topology, base.workload)
+        assert np.nanmean(outputs(st, n)["first_token"]) > np.nanmean(outputs(jax.device_get(st_base), n)["first_token"])

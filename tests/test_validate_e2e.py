@@ -105,14 +105,49 @@ def test_per_worker_cpu_term_folds_into_cpu_iter():
 
     import mist  # noqa: F401  (float64)
 
-    th = jnp.log(jnp.asarray([1e-3, 2e-5, 3e-8, 2e-3]))
+    from mist.cost.params import CPU_PROMPT_OFF
+
+    th = jnp.log(jnp.asarray([1e-3, 2e-5, 3e-8, 2e-3, 4e-2]))
     on = np.asarray(ve.fold_workers(th, 4.0, 1.0))
     off = np.asarray(ve.fold_workers(th, 4.0, 0.0))
     assert np.exp(on[0]) == pytest.approx(1e-3 + 4 * 2e-3)
     assert np.exp(off[0]) == pytest.approx(1e-3)
-    assert np.allclose(on[1:], np.asarray(th[1:3])) and np.allclose(off[1:], np.asarray(th[1:3]))
-    assert np.allclose(np.asarray(ve.fold_workers(th[:3], 8.0, 1.0)), np.asarray(th[:3]))
+    assert np.allclose(on[1:3], np.asarray(th[1:3])) and np.allclose(off[1:3], np.asarray(th[1:3]))
+    # the per-prompt time only where the stack pays it (PER_PROMPT_PROFILES), else off
+    assert np.exp(on[3]) == pytest.approx(CPU_PROMPT_OFF)
+    assert np.exp(np.asarray(ve.fold_workers(th, 4.0, 0.0, 1.0))[3]) == pytest.approx(4e-2)
+    three = np.asarray(ve.fold_workers(th[:3], 8.0, 1.0))
+    assert np.allclose(three[:3], np.asarray(th[:3])) and np.exp(three[3]) == pytest.approx(CPU_PROMPT_OFF)
     # d log(cpu_iter_eff) / d log(per_worker) = per_worker * tp / cpu_iter_eff
     g = jax.grad(lambda t: ve.fold_workers(t, 4.0, 1.0)[0])(th)
     assert float(g[3]) == pytest.approx(8e-3 / 9e-3)
-    assert "vllm-2023" in ve.PER_WORKER_PROFILES
+    assert float(jax.grad(lambda t: ve.fold_workers(t, 4.0, 1.0, 0.0)[3])(th)[4]) == 0.0
+    assert float(jax.grad(lambda t: ve.fold_workers(t, 4.0, 1.0, 1.0)[3])(th)[4]) == 1.0
+    assert "vllm-2023" in ve.PER_WORKER_PROFILES and "vllm-2023" in ve.PER_PROMPT_PROFILES
+
+
+def test_per_prompt_cpu_term_through_the_scan():
+    """Both prompts of the tiny workload prefill in one iteration, so the batch's first-token time
+    grows by exactly 2 x per_prompt, and its gradient in log per_prompt is 2 x per_prompt."""
+    import jax
+
+    import mist  # noqa: F401  (float64)
+    from mist.engine.run import run_chunk
+    from mist.engine.state import init_state
+
+    lo, jnp = _tiny_problem()
+    n_valid = jnp.sum(lo.workload.valid).astype(jnp.int32)
+
+    def first_token(log_pp):
+        theta = jnp.stack([jnp.log(1e-3), jnp.log(1e-5), jnp.log(1e-8), log_pp])
+        cl = ve.with_cpu(lo.clients, theta)
+        st = init_state(lo.dims, jax.random.PRNGKey(0))
+        st = run_chunk.__wrapped__(lo.dims, 12, cl, lo.topology, lo.workload, n_valid, st)
+        return jnp.where(lo.workload.valid, st.o_first_token, -jnp.inf).max(), st.completed
+
+    vg = jax.jit(jax.value_and_grad(first_token, has_aux=True))
+    (off, done), _ = vg(jnp.log(1e-12))
+    (on, _), g = vg(jnp.log(5e-3))
+    assert int(done) == 2
+    assert float(on) - float(off) == pytest.approx(2 * 5e-3, rel=1e-6)
+    assert float(g) == pytest.approx(2 * 5e-3, rel=1e-6)

@@ -168,14 +168,14 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
                    p.log_narrow_tile,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
-                   p.log_cpu_per_token, p.step_noise_sigma),
+                   p.log_cpu_per_token, p.log_cpu_per_prompt, p.step_noise_sigma),
         template,
         (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om),
          jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
-         jnp.asarray(cm), z, z, z, z),
+         jnp.asarray(cm), z, z, z, z, z),
     )
     return jax.tree_util.tree_map(lambda m, t: jnp.asarray(m, t.dtype), mask, template)
 
@@ -591,12 +591,16 @@ def own_cpu_block(device_name: str, directory) -> dict | None:
 
 def with_cpu_block(params: CostParams, cpu: dict | None, kind: str = "gpu") -> CostParams:
     """`params` with the CPU-side terms of a "cpu" block (this kind's defaults when None)."""
+    d = default_params(kind)
     if cpu is None:
-        d = default_params(kind)
-        vals = (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token)
+        vals = (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token, d.log_cpu_per_prompt)
     else:
-        vals = tuple(jnp.asarray(np.log(cpu[k] * 1e-6), jnp.float32) for k in ("iter_us", "per_seq_us", "per_token_us"))
-    return eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token), params, vals)
+        us = dict(cpu)
+        us.setdefault("per_prompt_us", float(d.cpu_per_prompt) * 1e6)  # files written before the term: off
+        vals = tuple(jnp.asarray(np.log(us[k] * 1e-6), jnp.float32)
+                     for k in ("iter_us", "per_seq_us", "per_token_us", "per_prompt_us"))
+    return eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token, q.log_cpu_per_prompt),
+                       params, vals)
 
 
 def keep_cpu_block(path, cpu: dict | None):

@@ -376,13 +376,13 @@ def decode_stretch_times(params: CostParams, rep: Replica, decode_context, decod
     return jax.vmap(one)(jnp.asarray(offsets, ctx.dtype))
 
 
-def dense_parts(params: CostParams, rep: Replica, T, n_sample, n_seq) -> dict[str, Float[Array, "..."]]:
+def dense_parts(params: CostParams, rep: Replica, T, n_sample, n_seq, n_prompt=0.0) -> dict[str, Float[Array, "..."]]:
     """Seconds per operator class of everything in an iteration but attention: GEMMs, LM head,
     mixture of experts, elementwise kernels, collectives and the CPU side, for T tokens through
-    the linear layers, n_sample rows that sample a token and n_seq sequences. Elementwise in the
-    three counts (any common shape)."""
+    the linear layers, n_sample rows that sample a token, n_seq sequences and n_prompt of them
+    prefilling a prompt chunk. Elementwise in the counts (any common shape)."""
     return dense_combine(params, dense_token_pieces(params, rep, T), dense_sample_pieces(params, rep, n_sample),
-                         T, n_seq)
+                         T, n_seq, n_prompt)
 
 
 def dense_token_pieces(params: CostParams, rep: Replica, T) -> dict[str, Float[Array, "..."]]:
@@ -457,14 +457,16 @@ def dense_sample_pieces(params: CostParams, rep: Replica, n_sample) -> dict[str,
     return {"lm_head": t_lm, "allgather": ag}
 
 
-def dense_combine(params: CostParams, tok: dict, smp: dict, T, n_seq) -> dict[str, Float[Array, "..."]]:
+def dense_combine(params: CostParams, tok: dict, smp: dict, T, n_seq, n_prompt=0.0) -> dict[str, Float[Array, "..."]]:
     """`dense_parts` from its token and sample pieces (which may come from tables) and the CPU side
-    of the serving engine (scheduling, input preparation, sampling), in one fixed order of sums."""
+    of the serving engine (scheduling, input preparation, sampling; n_prompt of the n_seq sequences
+    prefill a prompt chunk and pay params.cpu_per_prompt each), in one fixed order of sums."""
     t_comm = tok["allreduce"] + smp["allgather"]
     t_comm += tok["alltoall"]
     t_comm += tok["sendrecv"]
     t_comm = jnp.where(T > 0, t_comm, 0.0)
-    t_cpu = jnp.where(T > 0, params.cpu_iter + params.cpu_per_seq * n_seq + params.cpu_per_token * T, 0.0)
+    t_cpu = jnp.where(T > 0, params.cpu_iter + params.cpu_per_seq * n_seq + params.cpu_per_token * T
+                      + params.cpu_per_prompt * n_prompt, 0.0)
     return {"gemm": tok["gemm"], "moe": tok["moe"], "elementwise": tok["elementwise"], "lm_head": smp["lm_head"],
             "comm": t_comm, "cpu": t_cpu}
 
@@ -482,7 +484,7 @@ def iteration_breakdown(params: CostParams, rep: Replica, batch: MixedBatch) -> 
     n_sample = n_pf_last + n_dec
     # ---- decode attention (paged, memory bound)
     t_attn_d = decode_attention_time(params, rep, batch.decode_context, dm)
-    return breakdown(dense_parts(params, rep, T, n_sample, n_seq), t_attn_p, t_attn_d)
+    return breakdown(dense_parts(params, rep, T, n_sample, n_seq, n_pf), t_attn_p, t_attn_d)
 
 
 def breakdown(dense: dict, attn_prefill, attn_decode) -> dict[str, Float[Array, "..."]]:

@@ -132,6 +132,8 @@ class CostParams(eqx.Module):
       log_cpu_iter: seconds of fixed scheduler/launch work per iteration
       log_cpu_per_seq: seconds per scheduled sequence (input preparation, sampling)
       log_cpu_per_token: seconds per batched token (input preparation)
+      log_cpu_per_prompt: seconds per prompt chunk an iteration prefills (prompt-side input
+        preparation and per-prompt work of the serving stack; off, CPU_PROMPT_OFF, unless fitted)
     Stochastic: step_noise_sigma: sigma of a lognormal multiplier on step times (0 = off).
     """
 
@@ -161,6 +163,7 @@ class CostParams(eqx.Module):
     log_cpu_iter: Float[Array, ""]
     log_cpu_per_seq: Float[Array, ""]
     log_cpu_per_token: Float[Array, ""]
+    log_cpu_per_prompt: Float[Array, ""]
     step_noise_sigma: Float[Array, ""]
 
     # --- physical views
@@ -268,6 +271,10 @@ class CostParams(eqx.Module):
     def cpu_per_token(self):
         return jnp.exp(self.log_cpu_per_token)
 
+    @property
+    def cpu_per_prompt(self):
+        return jnp.exp(self.log_cpu_per_prompt)
+
     # --- serialisation
     def to_dict(self) -> dict:
         """Physical values (what a person reads in the JSON file)."""
@@ -304,6 +311,7 @@ class CostParams(eqx.Module):
                 "iter_us": f(self.cpu_iter * 1e6),
                 "per_seq_us": f(self.cpu_per_seq * 1e6),
                 "per_token_us": f(self.cpu_per_token * 1e6),
+                "per_prompt_us": f(self.cpu_per_prompt * 1e6),
             },
             "step_noise_sigma": f(self.step_noise_sigma),
         }
@@ -344,6 +352,7 @@ class CostParams(eqx.Module):
                 cpu_iter_s=cpu["iter_us"] * 1e-6,
                 cpu_per_seq_s=cpu["per_seq_us"] * 1e-6,
                 cpu_per_token_s=cpu["per_token_us"] * 1e-6,
+                cpu_per_prompt_s=cpu.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6,
                 step_noise_sigma=d.get("step_noise_sigma", 0.0),
             )
         except (KeyError, TypeError) as e:
@@ -382,6 +391,9 @@ SEQ_HALF_OFF = 1e30
 ITEM_WAVE_OFF = 1e-30
 #: ratio of the prefill query tile at narrow heads to wider heads that switches that term off
 NARROW_TILE_OFF = 1.0
+#: host time per prefilled prompt chunk (s) that switches that term off (the default, and files
+#: written before it existed)
+CPU_PROMPT_OFF = 1e-12
 
 
 def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
@@ -389,10 +401,12 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
                 step_noise_sigma=0.0, comm_s_half=None, comm_beta=None, comm_group_exp=None,
                 comm_overhead_s=None, pair_width=None, serial_bw=None, item_time=None,
                 split_time=None, gqa_pack=None, group_time=None, block_half=None, width_time=None,
-                seq_time=None, seq_half=None, item_wave=None, narrow_tile=None) -> CostParams:
+                seq_time=None, seq_half=None, item_wave=None, narrow_tile=None,
+                cpu_per_prompt_s=CPU_PROMPT_OFF) -> CostParams:
     """Build CostParams from physical values (collective terms and the attention pair width left
     out are switched off, see COMM_OFF, PAIR_WIDTH_OFF, SERIAL_BW_OFF, ITEM_TIME_OFF and
-    SPLIT_TIME_OFF; the GQA packing is full, GQA_PACK_FULL; the block ramp off, BLOCK_HALF_OFF)."""
+    SPLIT_TIME_OFF; the GQA packing is full, GQA_PACK_FULL; the block ramp off, BLOCK_HALF_OFF; the
+    per-prompt host time off, CPU_PROMPT_OFF)."""
     full = lambda v, k: [COMM_OFF[k]] * NUM_COMMS if v is None else v  # noqa: E731
     a = lambda x: jnp.asarray(np.asarray(x, dtype=np.float32))  # noqa: E731
     clip = lambda p: np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)  # noqa: E731
@@ -434,6 +448,7 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
         log_cpu_iter=a(np.log(pos(cpu_iter_s))),
         log_cpu_per_seq=a(np.log(pos(cpu_per_seq_s))),
         log_cpu_per_token=a(np.log(pos(cpu_per_token_s))),
+        log_cpu_per_prompt=a(np.log(pos(cpu_per_prompt_s))),
         step_noise_sigma=a(step_noise_sigma),
     )
 

@@ -693,7 +693,7 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
         ti = jnp.clip(T_tok, 0, TT)
         ns = jnp.clip(nr + 1, 0, smp_tab["lm_head"].shape[-1] - 1)
         d = dense_combine(params, {k: v[ti] for k, v in tok_tab.items()}, {k: v[ns] for k, v in smp_tab.items()},
-                          T_tok.astype(F64), (nr + 1).astype(F64))
+                          T_tok.astype(F64), (nr + 1).astype(F64), 1.0)  # one prompt chunk: this row's
         mixed = sum(breakdown(d, t_pf[r], attn[jc]).values())
         at = ok_r & (js == jr)
         pf_cost = jnp.where(at, mixed, pf_cost)
