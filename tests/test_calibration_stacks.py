@@ -151,3 +151,34 @@ def test_client_config_picks_a_gemm_stack():
     with pytest.raises(SpecError, match="gemm_stack.*no-such-stack"):
         c = parse_config({**base, "clients": [{**client, "gemm_stack": "no-such-stack"}]}, "cfg.yaml")
         lower(c.deployment, c.requests)
+
+
+def test_client_config_picks_a_cpu_stack():
+    """`cpu_stack` runs a client with the CPU terms validate_e2e fitted for that serving stack:
+    per-iteration time plus the per-worker time x TP, per sequence, per token and per prompt."""
+    from mist.cost.params import CPU_PROMPT_OFF, params_path
+    from mist.lowering.config import parse_config
+    from mist.lowering.deployment import lower
+
+    dev = "A100-SXM-80GB"
+    variants = json.loads(params_path(dev).read_text())["params"]["cpu"].get("variants", {})
+    if "vllm-2023" not in variants:
+        pytest.skip("the shipped A100-SXM-80GB file has no vllm-2023 CPU terms")
+    v = variants["vllm-2023"]
+    base = {"workload": {"num_requests": 4, "arrival": {"kind": "poisson", "rate": 1.0}, "input": 64, "output": 4}}
+    client = {"name": "llm", "model": "llama-3.1-8b", "hardware": "a100-sxm-80gb", "tp": 4}
+    c = parse_config({**base, "clients": [{**client, "cpu_stack": "vllm-2023"}]}, "cfg.yaml")
+    lo = lower(c.deployment, c.requests)
+    p = jax.tree.map(lambda x: x[0], lo.clients.params)
+    assert float(p.cpu_iter) == pytest.approx((v["iter_us"] + 4 * v.get("per_worker_us", 0.0)) * 1e-6, rel=1e-5)
+    assert float(p.cpu_per_seq) == pytest.approx(v["per_seq_us"] * 1e-6, rel=1e-5)
+    assert float(p.cpu_per_token) == pytest.approx(v["per_token_us"] * 1e-6, rel=1e-5)
+    assert float(p.cpu_per_prompt) == pytest.approx(v.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6, rel=1e-5)
+    assert "serving stack vllm-2023" in lo.notes["llm"]["cost_params"]
+    # the kernels are the device's own either way
+    plain = lower(parse_config({**base, "clients": [client]}, "cfg.yaml").deployment, c.requests)
+    q = jax.tree.map(lambda x: x[0], plain.clients.params)
+    np.testing.assert_array_equal(np.asarray(p.compute_logit), np.asarray(q.compute_logit))
+    with pytest.raises(SpecError, match="cpu_stack.*'no-such-stack'.*use one of: .*vllm-2023"):
+        c = parse_config({**base, "clients": [{**client, "cpu_stack": "no-such-stack"}]}, "cfg.yaml")
+        lower(c.deployment, c.requests)

@@ -8,6 +8,7 @@ for uncalibrated hardware; fitted values are JSON files under calibration/params
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from enum import IntEnum
 from pathlib import Path
@@ -532,6 +533,34 @@ def load_params(device_name: str, kind: str = "gpu", gemm_stack: str | None = No
         raise SpecError(str(p), "gemm_stack", f"'{gemm_stack}': no GEMM parameters of that stack",
                         f"use one of: {', '.join(map(str, have))}")
     return stacks[gemm_stack], f"{origin}; GEMM stack {gemm_stack}"
+
+
+def with_cpu_stack(params: CostParams, device_name: str, cpu_stack: str, tp: int = 1) -> CostParams:
+    """`params` with the CPU-side terms that experiments/validate_e2e.py fitted end to end for a
+    serving stack (a key of the device file's cpu.variants, e.g. "trtllm" or "vllm-2023": Splitwise's
+    2023 vLLM). A stack that dispatches every iteration to each GPU worker (per_worker_us) pays
+    iter_us + per_worker_us x tp per iteration; per_prompt_us, where fitted, per prefilled prompt."""
+    from ..specs.errors import SpecError
+
+    p = params_path(device_name)
+    d = json.loads(p.read_text()) if p is not None else {}
+    cpu = (d.get("params", d)).get("cpu", {})
+    variants = cpu.get("variants", {})
+    if cpu_stack not in variants:
+        have = sorted(variants)
+        raise SpecError(device_name, "cpu_stack", f"'{cpu_stack}': no CPU terms fitted for that serving stack",
+                        f"use one of: {', '.join(have)}" if have else
+                        "leave cpu_stack out (no serving stack was fitted end to end for this device)")
+    v = variants[cpu_stack]
+    try:
+        it = (v["iter_us"] + v.get("per_worker_us", 0.0) * tp) * 1e-6
+        vals = (it, v["per_seq_us"] * 1e-6, v["per_token_us"] * 1e-6, v.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6)
+    except (KeyError, TypeError) as e:
+        raise SpecError(str(p), f"cpu.variants.{cpu_stack}", f"missing or malformed {e}",
+                        "re-run experiments/validate_e2e.py") from None
+    logs = [jnp.asarray(np.log(max(x, 1e-12)), jnp.float32) for x in vals]
+    return dataclasses.replace(params, log_cpu_iter=logs[0], log_cpu_per_seq=logs[1], log_cpu_per_token=logs[2],
+                               log_cpu_per_prompt=logs[3])
 
 
 def save_params(params: CostParams, device_name: str, meta: dict | None = None,

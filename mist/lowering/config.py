@@ -20,7 +20,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml
 _CLIENT_KEYS = {"name", "count", "pool", "hardware", "model", "kind", "tp", "pp", "ep", "dtype", "kv_cache_dtype",
                 "policy", "role", "max_num_seqs", "max_num_batched_tokens", "chunk_size", "block_size",
                 "memory_utilization", "max_model_len", "serve_base_ms", "serve_per_item_ms", "serve_per_token_us",
-                "devices", "step_noise_sigma", "preemption_mode", "gemm_stack"}
+                "devices", "step_noise_sigma", "preemption_mode", "gemm_stack", "cpu_stack"}
 
 
 @dataclass
@@ -69,6 +69,7 @@ def parse_client(f: Fields, where: str) -> list[ClientSpec]:
         devices=f.number("devices", None, integer=True, positive=True),
         step_noise_sigma=f.number("step_noise_sigma", None),
         gemm_stack=f.string("gemm_stack", None),
+        cpu_stack=f.string("cpu_stack", None),
         preemption_mode=f.string("preemption_mode", "recompute", choices=("recompute", "swap")),
     )
     f.check_unknown(_CLIENT_KEYS)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..cost.memory import plan_memory
-from ..cost.params import CostParams, load_params
+from ..cost.params import CostParams, load_params, with_cpu_stack
 from ..cost.replica import lower_replica
 from ..specs.catalog import get_hardware, get_model
 from ..specs.errors import SpecError
@@ -71,6 +71,9 @@ class ClientSpec:
     # GEMM kernels of this measuring software stack (a key of the device's calibrated params.stacks,
     # e.g. "vidur": Vidur's 2024 cuBLAS) instead of the device's newest (see mist.calibration.stacks)
     gemm_stack: str | None = None
+    # host-side (CPU) terms fitted end to end for this serving stack (a key of the device file's
+    # cpu.variants, e.g. "trtllm", "vllm-2023") instead of the device's default (see with_cpu_stack)
+    cpu_stack: str | None = None
     # encoders: attention sees at most this many tokens at once (blocks of bidirectional attention)
     attention_block: int | None = None
     # declarative stage this client was lowered from (mist.lowering.stages), None for plain clients
@@ -236,8 +239,14 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
         if cs.params is not None and cs.gemm_stack is not None:
             raise SpecError(where, "gemm_stack", "set together with explicit cost params",
                             "pass the stack's parameters (load_params(device, gemm_stack=...)) or leave gemm_stack out")
+        if cs.params is not None and cs.cpu_stack is not None:
+            raise SpecError(where, "cpu_stack", "set together with explicit cost params",
+                            "pass parameters with the stack's CPU terms (with_cpu_stack(...)) or leave cpu_stack out")
         params, origin = ((cs.params, "given") if cs.params is not None
                           else load_params(dev.name, dev.kind, gemm_stack=cs.gemm_stack))
+        if cs.cpu_stack is not None:
+            params = with_cpu_stack(params, dev.name, cs.cpu_stack, tp=cs.tp)
+            origin = f"{origin}; CPU terms of serving stack {cs.cpu_stack}"
         if cs.step_noise_sigma is not None:
             if cs.step_noise_sigma < 0:
                 raise SpecError(where, "step_noise_sigma", "must be >= 0", "use 0 (off) or e.g. 0.05")
