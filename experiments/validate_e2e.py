@@ -342,7 +342,7 @@ def simulate_rows(rows: pd.DataFrame, theta_by_device: dict | None = None, log=p
             continue
         mem.append(lo.notes["memory_utilization"])
         th = (theta_by_device or {}).get(fit_key(r))
-        th = current_theta(r["device"], profile(r)) if th is None else th
+        th = current_theta(r["device"]) if th is None else th
         th = fold_workers(jnp.asarray(th), float(r["tp"]), float(profile(r) in PER_WORKER_PROFILES),
                           float(profile(r) in PER_PROMPT_PROFILES))
         lowered.append(replace(lo, clients=with_cpu(lo.clients, th)))
@@ -496,26 +496,16 @@ def fit_cpu(train: pd.DataFrame, theta0: dict, steps: int, lr: float, n_steps: i
     return {d: np.asarray(theta[i]) for i, d in enumerate(devices)}, hist
 
 
-def current_theta(device: str, prof: str | None = None) -> np.ndarray:
-    """The CPU terms stored for `device` and serving profile `prof`: its cpu.variants entry when the
-    parameter file has one (a previous fit of that stack), else the device's default block (per-worker
-    and per-prompt times off)."""
-    return _current_theta(device, prof).copy()
+def current_theta(device: str) -> np.ndarray:
+    return _current_theta(device).copy()
 
 
 @functools.lru_cache(maxsize=None)
-def _current_theta(device: str, prof: str | None = None) -> np.ndarray:
-    from mist.cost.params import CPU_PROMPT_OFF, load_params, params_path
+def _current_theta(device: str) -> np.ndarray:
+    from mist.cost.params import load_params
     from mist.specs.catalog import get_hardware
 
     p, _ = load_params(device, get_hardware(device).kind)
-    path = params_path(device)
-    v = {} if path is None or prof is None else (
-        json.loads(path.read_text())["params"]["cpu"].get("variants", {}).get(prof, {}))
-    if v:
-        us = [v["iter_us"], v["per_seq_us"], v["per_token_us"], v.get("per_worker_us", PER_WORKER_OFF * 1e6),
-              v.get("per_prompt_us", CPU_PROMPT_OFF * 1e6)]
-        return np.log(np.array(us) * 1e-6)
     return np.array([float(p.log_cpu_iter), float(p.log_cpu_per_seq), float(p.log_cpu_per_token),
                      np.log(PER_WORKER_OFF), float(p.log_cpu_per_prompt)])
 
@@ -931,7 +921,6 @@ def main(argv=None) -> int:
         print(f"measured data not found under {args.data} (set MIST_SHARED_DATA); nothing to validate")
         return 0
     import mist  # noqa: F401  (float64)
-    from mist.cost.params import CPU_PROMPT_OFF
 
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     rows = load_all(args.data, quick=args.quick)
@@ -949,18 +938,14 @@ def main(argv=None) -> int:
                    & df["plausible"] & (df["preemptions_before"] == 0)].copy()
         train["key"] = train.apply(fit_key, axis=1)
         devs = sorted(train["key"].unique())
-        before = {k: current_theta(*k.split("|")) for k in devs}
+        before = {k: current_theta(k.split("|")[0]) for k in devs}
         steps = args.fit_steps or (4 if args.quick else 150)
         n_steps = int(train["steps_before"].max()) + 8
         log(f"fitting CPU terms of {devs} on {len(train)} train rows, {steps} Adam steps, scan length {n_steps}")
         fit_rows = train.drop_duplicates(["source", "device", "model", "tp", "batch", "input", "output", "sim_out"])
-        # warm start from the stored terms of each stack; a term the stack pays but that was never
-        # fitted (still off) starts at a typical value instead
-        off_w, off_p = np.log(PER_WORKER_OFF) + 1.0, np.log(CPU_PROMPT_OFF) + 1.0
         start = {k: np.concatenate([v[:3], [np.log(PER_WORKER_START) if k.split("|")[1] in PER_WORKER_PROFILES
-                                            and v[3] < off_w else v[3]],
-                                    [np.log(PER_PROMPT_START) if k.split("|")[1] in PER_PROMPT_PROFILES
-                                     and v[4] < off_p else v[4]]])
+                                            else v[3]],
+                                    [np.log(PER_PROMPT_START) if k.split("|")[1] in PER_PROMPT_PROFILES else v[4]]])
                  for k, v in before.items()}
         fitted, hist = fit_cpu(fit_rows, start, steps=steps, lr=args.lr, n_steps=n_steps, log=log,
                                batch_size=8 if args.quick else 64)
