@@ -23,7 +23,7 @@ import optax
 import pandas as pd
 
 from ..cost.iteration import WIDE_HEAD_DIM
-from ..cost.params import NUM_COMMS, NUM_OPS, CostParams, default_params, save_params
+from ..cost.params import CPU_PROMPT_OFF, NUM_COMMS, NUM_OPS, CostParams, default_params, save_params
 from ..specs.catalog import get_hardware
 from ..specs.hardware import Device
 from .predict import Prepared, op_classes_present, predict, predict_prepared, prepare
@@ -596,7 +596,7 @@ def with_cpu_block(params: CostParams, cpu: dict | None, kind: str = "gpu") -> C
         vals = (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token, d.log_cpu_per_prompt)
     else:
         us = dict(cpu)
-        us.setdefault("per_prompt_us", float(d.cpu_per_prompt) * 1e6)  # files written before the term: off
+        us.setdefault("per_prompt_us", CPU_PROMPT_OFF * 1e6)  # files written before the term: off
         vals = tuple(jnp.asarray(np.log(us[k] * 1e-6), jnp.float32)
                      for k in ("iter_us", "per_seq_us", "per_token_us", "per_prompt_us"))
     return eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token, q.log_cpu_per_prompt),
