@@ -660,8 +660,9 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
     TT = tabs[1]["gemm"].shape[-1] - 1
     one = jnp.ones((R + 1, 1), bool)
     t_pf = prefill_attention(params, replica, need[:, None].astype(F64), done0[:, None].astype(F64), one, one)[0]
-    tok_tab = {k: v[c] for k, v in tabs[1].items()}
-    smp_tab = {k: v[c] for k, v in tabs[2].items()}
+    # the tables stay whole: one gather [c, index] per lookup (slicing client c's row first copies a
+    # whole row per lane under vmap, ~6 x 8k float64 a step)
+    tok_tab, smp_tab = tabs[1], tabs[2]
 
     def admit_one(r, carry):
         agg, dts, starts, attn, pf_cost, pf_at, blk_abs, comp, alive, j_prev, need_prev, j_cut, j_out, ok_out = carry
@@ -692,7 +693,7 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
         # the mixed iteration: iteration_time's parts in its order of sums
         ti = jnp.clip(T_tok, 0, TT)
         ns = jnp.clip(nr + 1, 0, smp_tab["lm_head"].shape[-1] - 1)
-        d = dense_combine(params, {k: v[ti] for k, v in tok_tab.items()}, {k: v[ns] for k, v in smp_tab.items()},
+        d = dense_combine(params, {k: v[c, ti] for k, v in tok_tab.items()}, {k: v[c, ns] for k, v in smp_tab.items()},
                           T_tok.astype(F64), (nr + 1).astype(F64), 1.0)  # one prompt chunk: this row's
         mixed = sum(breakdown(d, t_pf[r], attn[jc]).values())
         at = ok_r & (js == jr)
