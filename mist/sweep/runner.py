@@ -58,9 +58,12 @@ _COMPILED: dict = {}
 # cost. Measured with experiments/bench_sweep.py's configs on the 2-core CPU: one device, 256 x 1k,
 # 1,472 lane-steps per config with 64 lanes against 2,176 with 256 lanes run once (mean steps 1,175);
 # two devices (one per core, 2026-12-03), a lane-step costs about the same from 16 lanes per device
-# up, so about eight configs per lane win: 256 x 10k 121.7 s with 32 lanes against 130-133 s with
-# 64, 1000 x 1k 43.4 s with 126 lanes against 45.5 s with 250, 256 x 1k a tie (11.0 / 11.2 s).
+# up (24-27 us at 10k requests from 8 to 126 lanes), so the tail decides: 1000 x 10k 292 s with 32
+# lanes (about 32 configs per lane, 12,075 lane-steps per config) against 325 s with 126 (about 8,
+# 12,918), 1000 x 1k 27.5 s against 26.9 s, 256 x 10k 82 s with 32 lanes against 91 s with 64.
+# On a GPU a lane-step costs about the same up to thousands of lanes, so lanes are kept many there.
 REFILLS = 8
+REFILLS_CPU = 32
 MIN_LANES = 32
 # scan steps per compiled call (a lane idles from its config's end to the end of the call, half a call
 # on average; a call costs one host synchronisation, ~1 ms against ~1 s of a 64-lane call)
@@ -83,15 +86,20 @@ def _memory_budget(memory_gb: float | None) -> int:
 
 
 def chunk_size(dims: EngineDims, n_configs: int, *, configs_per_chunk: int | None = None,
-               memory_gb: float | None = None, shards: int = 1, ls: LoweredSweep | None = None) -> int:
+               memory_gb: float | None = None, shards: int = 1, ls: LoweredSweep | None = None,
+               on_cpu: bool | None = None) -> int:
     """Lanes of the compiled batch: the given number, else what fits the memory budget but no more
-    than max(MIN_LANES, an eighth of the configs), so that a large sweep refills each lane about
-    eight times (see `run_chunks`); never more than the sweep needs, and a multiple of the number of
-    devices the batch is sharded over."""
+    than max(MIN_LANES, the configs / refills), so that a large sweep refills each lane about
+    `REFILLS_CPU` times on CPU devices (`on_cpu`, default: the local devices are CPUs) and `REFILLS`
+    times elsewhere (see `run_chunks`); never more than the sweep needs, and a multiple of the number
+    of devices the batch is sharded over."""
     if configs_per_chunk is None:
+        if on_cpu is None:
+            on_cpu = all(d.platform == "cpu" for d in jax.local_devices())
+        refills = REFILLS_CPU if on_cpu else REFILLS
         per = bytes_per_config(dims, ls)
         configs_per_chunk = max(1, _memory_budget(memory_gb) // (per * shards)) * shards
-        configs_per_chunk = min(configs_per_chunk, max(MIN_LANES, -(-n_configs // REFILLS)), max(n_configs, 1))
+        configs_per_chunk = min(configs_per_chunk, max(MIN_LANES, -(-n_configs // refills)), max(n_configs, 1))
     return int(-(-configs_per_chunk // shards) * shards)
 
 
@@ -185,7 +193,9 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
     dims = ls.dims
     sharding = config_sharding(devices)
     shards = num_shards(sharding)
-    B = chunk_size(dims, len(rows), configs_per_chunk=configs_per_chunk, memory_gb=memory_gb, shards=shards, ls=ls)
+    on_cpu = all(d.platform == "cpu" for d in (jax.local_devices() if devices is None else devices))
+    B = chunk_size(dims, len(rows), configs_per_chunk=configs_per_chunk, memory_gb=memory_gb, shards=shards, ls=ls,
+                   on_cpu=on_cpu)
     refill = len(rows) > B
     # short calls: a lane idles from its config's end to the end of the call (one length for every
     # sweep of these capacities, refilled or not, so they share one compiled program)
@@ -224,7 +234,6 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
     template = jax.tree.map(lambda x: np.array(np.asarray(x)[0]), st) if refill else None
     prev = np.full(B, -1)
     seen_p: set = set()  # lane counts the setter (and getter) have been compiled for
-    on_cpu = all(d.platform == "cpu" for d in (jax.local_devices() if devices is None else devices))
     info.chunks += 1
     st = fn(cl, topo, wl, n_valid_d, st, tabs)
     info.steps += length

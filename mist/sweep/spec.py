@@ -69,7 +69,7 @@ class RunOptions:
     sweeps share one compiled program), configs simulated at once (lanes of the vmapped batch,
     refilled as configs end), and the memory budget."""
 
-    # lanes; None: what fits `memory_gb`, at most max(32, an eighth of the configs)
+    # lanes; None: what fits `memory_gb`, at most max(32, the configs / 32 on CPU, / 8 on GPU)
     configs_per_chunk: int | None = None
     memory_gb: float | None = None  # None: a share of free host (or device) memory
     clients: int = 0
