@@ -182,6 +182,24 @@ def test_host_shards_cover_configs_once():
         host_shard(10, 2, 2)
 
 
+def test_lane_count_refills_each_lane_more_on_cpu():
+    """Lanes: max(32, configs / 32) on CPU and max(32, configs / 8) elsewhere, capped by the configs,
+    a multiple of the shards, and what the memory budget holds."""
+    from mist.engine.tables import EngineDims
+    from mist.sweep.runner import chunk_size
+
+    dims = EngineDims(num_requests=100, num_clients=1, slots=16, window=16, queue=128, stages=1, stretch=8,
+                      pools=1, pipelines=1, absorb=0)
+    big = 64.0  # GB: the memory budget never binds here
+    assert chunk_size(dims, 1000, memory_gb=big, shards=2, on_cpu=True) == 32
+    assert chunk_size(dims, 1000, memory_gb=big, shards=2, on_cpu=False) == 126
+    assert chunk_size(dims, 4096, memory_gb=big, shards=2, on_cpu=True) == 128
+    assert chunk_size(dims, 10, memory_gb=big, shards=4, on_cpu=True) == 12  # 10 configs, 4 shards
+    assert chunk_size(dims, 1000, configs_per_chunk=7, shards=2, on_cpu=True) == 8
+    tiny = 1e-4  # GB: ~100 kB holds one lane per shard at most
+    assert chunk_size(dims, 1000, memory_gb=tiny, shards=2, on_cpu=True) == 2
+
+
 def test_sampling_grid_random_lhs():
     axes = [Axis("tp", values=[1, 2, 4]), Axis("rate", low=1.0, high=16.0, num=5, log=True)]
     grid = expand(axes, Sampling("grid"))
