@@ -664,6 +664,22 @@ NOTES = """### Reading these numbers
 * **Targets.** vLLM batch latency reaches 13.5% MAPE on held-out configurations after fitting (10.8% on all
   rows): the 15% target is met. Splitwise TBT meets its 10% target on the held-out TP 4 rows (3.2%);
   Splitwise TTFT does not (13.4%: A100 15.6%, H100 11.2%; 26.2% and 32.6% before fitting).
+* **Where the Splitwise prompt time bends (2026-12-03, from the measured rows alone).** Measured TTFT per 1k
+  prompt tokens, single prompts of 1024 / 2048 / 4096 / 8192 tokens:
+  - A100: TP 2 368 / 336 / 362 / 365 ms; TP 4 225 / 197 / 237 / 285 ms; TP 8 151 / 134 / 159 / 189 ms.
+  - H100: TP 2 154 / 150 / 157 / 163 ms; TP 4 104 / 98 / 114 / 115 ms; TP 8 76 / 67 / 92 / 104 ms.
+
+  Batches of 2 / 4 / 8 / 16 prompts of 512 tokens:
+  - A100: TP 2 407 / 413 / 390 / 395 ms; TP 4 248 / 260 / 296 / 352 ms; TP 8 163 / 143 / 187 / 252 ms.
+
+  At TP 2 the time per token is flat. At TP 4 and 8 it rises by 20-40% past 2048 tokens per
+  iteration, for one long prompt and for many short ones alike. So it is not the quadratic part of
+  attention (a batch of 512-token prompts has little), and probably not power or clock throttling
+  either (TP 2 runs each GPU longer and shows none). It is something that grows with TP and with the
+  tokens of an iteration; the cost model has no such term (its all-reduce time grows about linearly with the
+  tokens at these sizes and its GEMM times follow kernel benchmarks). This is where the TP 4 TTFT error comes from.
+  The CPU terms fitted on TP 2 and 8 split the difference: over-predicting 512-2048-token prompts by
+  up to 30% and under-predicting iterations of 4K tokens and more by up to 40%.
 * **Measured and not kept (2026-12-03): a fitted time per prefilled prompt** (`--per-prompt vllm-2023`;
   the engine's `cpu_per_prompt`, charged for every prompt chunk an iteration prefills, off by default).
   It targets the A100 batches of 512-token prompts that run slower than one prompt of the same tokens
