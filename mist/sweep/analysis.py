@@ -99,10 +99,8 @@ def max_sustainable_rate(prep, slo=None, *, low: float | None = None, high: floa
     (lowest rate that failed: `low` itself if it fails, inf if even `high` passes), and the
     passing run's output_tokens_per_dollar, output_throughput and p99 TTFT / TPOT.
     """
-    import jax
-
     from .configs import mean_rate
-    from .runner import chunk_size, config_sharding, num_shards
+    from .runner import chunk_size, config_sharding, num_shards, on_cpu_devices
     from .sweep import slo_of, summarize_rows
 
     ls = prep.lowered
@@ -113,10 +111,9 @@ def max_sustainable_rate(prep, slo=None, *, low: float | None = None, high: floa
     own = np.array([mean_rate(ls.workloads[w].arrival) for w in ls.wl_id])
     lo = np.full(n, low) if low is not None else own / 16
     hi = np.full(n, high) if high is not None else own * 16
-    on_cpu = all(d.platform == "cpu" for d in (jax.local_devices() if devices is None else devices))
     B = prep.spec.run.configs_per_chunk or chunk_size(ls.dims, n, memory_gb=prep.spec.run.memory_gb,
                                                       shards=num_shards(config_sharding(devices)), ls=ls,
-                                                      on_cpu=on_cpu)
+                                                      on_cpu=on_cpu_devices(devices))
     keep = ["output_tokens_per_dollar", "output_throughput", "request_throughput", "p99_ttft_ms", "p99_tpot_ms",
             "price_per_hour_usd"]
 

@@ -85,6 +85,11 @@ def _memory_budget(memory_gb: float | None) -> int:
     return int(min(0.25 * avail, 4 * 2**30))
 
 
+def on_cpu_devices(devices=None) -> bool:
+    """Whether the sweep runs on CPU devices: `devices`, or every local device when None."""
+    return all(d.platform == "cpu" for d in (jax.local_devices() if devices is None else devices))
+
+
 def chunk_size(dims: EngineDims, n_configs: int, *, configs_per_chunk: int | None = None,
                memory_gb: float | None = None, shards: int = 1, ls: LoweredSweep | None = None,
                on_cpu: bool | None = None) -> int:
@@ -94,8 +99,7 @@ def chunk_size(dims: EngineDims, n_configs: int, *, configs_per_chunk: int | Non
     times elsewhere (see `run_chunks`); never more than the sweep needs, and a multiple of the number
     of devices the batch is sharded over."""
     if configs_per_chunk is None:
-        if on_cpu is None:
-            on_cpu = all(d.platform == "cpu" for d in jax.local_devices())
+        on_cpu = on_cpu_devices() if on_cpu is None else on_cpu
         refills = REFILLS_CPU if on_cpu else REFILLS
         per = bytes_per_config(dims, ls)
         configs_per_chunk = max(1, _memory_budget(memory_gb) // (per * shards)) * shards
@@ -193,7 +197,7 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
     dims = ls.dims
     sharding = config_sharding(devices)
     shards = num_shards(sharding)
-    on_cpu = all(d.platform == "cpu" for d in (jax.local_devices() if devices is None else devices))
+    on_cpu = on_cpu_devices(devices)
     B = chunk_size(dims, len(rows), configs_per_chunk=configs_per_chunk, memory_gb=memory_gb, shards=shards, ls=ls,
                    on_cpu=on_cpu)
     refill = len(rows) > B
@@ -323,4 +327,4 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
         bar.close()
 
 
-__all__ = ["RunInfo", "ChunkResult", "run_chunks", "chunk_size", "config_keys"]
+__all__ = ["RunInfo", "ChunkResult", "run_chunks", "chunk_size", "config_keys", "on_cpu_devices"]
