@@ -156,7 +156,7 @@ def test_client_config_picks_a_gemm_stack():
 def test_client_config_picks_a_cpu_stack():
     """`cpu_stack` runs a client with the CPU terms validate_e2e fitted for that serving stack:
     per-iteration time plus the per-worker time x TP, per sequence, per token and per prompt."""
-    from mist.cost.params import CPU_PROMPT_OFF, params_path
+    from mist.cost.params import CPU_ABOVE_OFF, CPU_KNEE_DEFAULT, CPU_PROMPT_OFF, params_path
     from mist.lowering.config import parse_config
     from mist.lowering.deployment import lower
 
@@ -174,6 +174,9 @@ def test_client_config_picks_a_cpu_stack():
     assert float(p.cpu_per_seq) == pytest.approx(v["per_seq_us"] * 1e-6, rel=1e-5)
     assert float(p.cpu_per_token) == pytest.approx(v["per_token_us"] * 1e-6, rel=1e-5)
     assert float(p.cpu_per_prompt) == pytest.approx(v.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6, rel=1e-5)
+    assert float(p.cpu_per_token_above) == pytest.approx(v.get("per_token_above_us", CPU_ABOVE_OFF * 1e6) * 1e-6,
+                                                         rel=1e-5)
+    assert float(p.cpu_token_knee) == v.get("token_knee", CPU_KNEE_DEFAULT)
     assert "serving stack vllm-2023" in lo.notes["llm"]["cost_params"]
     # the kernels are the device's own either way
     plain = lower(parse_config({**base, "clients": [client]}, "cfg.yaml").deployment, c.requests)

@@ -8,6 +8,7 @@ batches share one capacity)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -753,6 +754,34 @@ def test_cpu_terms_by_hand():
     q = CostParams.from_dict(d)
     assert close(f(BD(q, rep, b)["cpu"]), 1e-3 + 4 * 20e-6 + 10 * 0.5e-6, rel=1e-6)
     assert f(default_params().cpu_per_prompt) < 1e-11
+
+
+def test_cpu_time_per_token_beyond_the_knee_by_hand():
+    # 10 tokens (prompt chunks of 5 and 3, two decodes); 4 us per token beyond a knee of 6 tokens
+    d = ideal_params().to_dict()
+    d["cpu"] = {"iter_us": 1000.0, "per_seq_us": 20.0, "per_token_us": 0.5, "per_token_above_us": 4.0,
+                "token_knee": 6.0}
+    p = CostParams.from_dict(d)
+    rep = lower_replica(DENSE, H100)
+    b = batch(prefill=[5, 3], context=[4, 0], last=[True, False], decode=[7, 9])
+    assert close(f(BD(p, rep, b)["cpu"]), 1e-3 + 4 * 20e-6 + 10 * 0.5e-6 + (10 - 6) * 4e-6, rel=1e-5)
+    # at or below the knee nothing more: two decodes are 2 tokens
+    assert close(f(BD(p, rep, batch(decode=[7, 9]))["cpu"]), 1e-3 + 2 * 20e-6 + 2 * 0.5e-6, rel=1e-5)
+    # round trip through the JSON form; files written before the term load with it off (exactly:
+    # the whole iteration time is unchanged in float64)
+    q = CostParams.from_dict(p.to_dict())
+    assert close(f(q.cpu_per_token_above), 4e-6, rel=1e-5) and f(q.cpu_token_knee) == 6.0
+    del d["cpu"]["per_token_above_us"], d["cpu"]["token_knee"]
+    off = CostParams.from_dict(d)
+    assert f(off.cpu_token_knee) == 2048.0 and f(off.cpu_per_token_above) < 1e-29
+    big = batch(prefill=[4000], context=[0], last=[True])
+    p64 = jax.tree.map(lambda x: x.astype(np.float64), off)
+    no_hinge = dataclasses.replace(p64, cpu_token_knee=np.float64(1e9))  # max(T - knee, 0) = 0
+    assert f(iteration_time(p64, rep, big)) == f(iteration_time(no_hinge, rep, big))
+    # the gradient of the term: d cpu / d log(per_token_above) = per_token_above x (T - knee)
+    g = jax.grad(lambda lg: BD(dataclasses.replace(p, log_cpu_per_token_above=lg), rep, b)["cpu"])(
+        p.log_cpu_per_token_above)
+    assert close(f(g), 4e-6 * 4, rel=1e-4)
 
 
 def test_roofline_limits():

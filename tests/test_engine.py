@@ -284,22 +284,31 @@ def test_random_workloads(seed, n, policy, max_num_seqs, rate, kv, replicas):
     assert_same_outputs(outputs(st, n), outputs(out["D1"][1], n), tol=1e-12)
 
 
-def with_prompt_time(lo, seconds):
-    """`lo` with every client paying `seconds` of host time per prefilled prompt chunk."""
+def with_prompt_time(lo, seconds, above_s=0.0, knee=0.0):
+    """`lo` with every client paying `seconds` of host time per prefilled prompt chunk (and, with
+    `above_s`, that many seconds per token of an iteration beyond `knee` tokens)."""
     p = lo.clients.params
-    p = dataclasses.replace(p, log_cpu_per_prompt=jax.numpy.full_like(p.log_cpu_per_prompt, np.log(seconds)))
+    if seconds:
+        p = dataclasses.replace(p, log_cpu_per_prompt=jax.numpy.full_like(p.log_cpu_per_prompt, np.log(seconds)))
+    if above_s:
+        p = dataclasses.replace(p, log_cpu_per_token_above=jax.numpy.full_like(p.log_cpu_per_token_above,
+                                                                                np.log(above_s)),
+                                cpu_token_knee=jax.numpy.full_like(p.cpu_token_knee, knee))
     return dataclasses.replace(lo, clients=dataclasses.replace(lo.clients, params=p))
 
 
 @pytest.mark.parametrize("max_num_seqs,kv,rate,out_max,prompt_s", [
     (4, None, 20.0, 60, 0.0), (2, None, 6.0, 60, 0.0), (4, 120, 6.0, 60, 0.0), (2, None, 60.0, 60, 0.0),
-    (4, 45, 30.0, 200, 0.0), (4, None, 20.0, 60, 2e-3)])
+    (4, 45, 30.0, 200, 0.0), (4, None, 20.0, 60, 2e-3), (4, None, 20.0, 60, "above")])
 def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max, prompt_s):
     """A lone chunked-prefill client admits waiting queue entries and the next arrivals inside a
     decode stretch (dims.absorb): fewer scan steps, the same timestamps and iterations as ending
     every stretch at an arrival or a completion, and the reference engine's timestamps (also with
-    slots or KV blocks the binding limit, a saturated queue, preemptions, and a per-prompt host
-    time, which the mixed iterations of a stretch must charge as the per-iteration engine does)."""
+    slots or KV blocks the binding limit, a saturated queue, preemptions, a per-prompt host time,
+    and a host time per token beyond a knee ("above": 50 us per token past 100 tokens), which the
+    mixed iterations of a stretch must charge as the per-iteration engine does)."""
+    above = prompt_s == "above"
+    prompt_s = 0.0 if above else prompt_s
     dep = Deployment.single(MODEL, "h100", policy="chunked", max_num_seqs=max_num_seqs, max_num_batched_tokens=1024,
                             chunk_size=512)
     reqs = workload(11, 30, rate=rate, out_max=out_max)
@@ -308,6 +317,7 @@ def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max, pro
         lo = lower(dep, reqs, **D16, absorb=absorb)
         lo = with_kv_blocks(lo, kv) if kv else lo
         lo = with_prompt_time(lo, prompt_s) if prompt_s else lo
+        lo = with_prompt_time(lo, 0.0, above_s=5e-5, knee=100.0) if above else lo
         st, _ = simulate_arrays(lo.dims, lo.clients, lo.topology, lo.workload)
         runs[absorb] = (lo, jax.device_get(st))
     (lo, st), (_, st0) = runs[8], runs[0]
@@ -320,7 +330,7 @@ def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max, pro
     assert_invariants(lo, st, ref)
     if kv == 45:
         assert ref.preemptions.sum() > 0
-    if prompt_s:  # the prompt time changed the timestamps
+    if prompt_s or above:  # the prompt time (or the time beyond the knee) changed the timestamps
         base = lower(dep, reqs, **D16, absorb=8)
         st_base, _ = simulate_arrays(base.dims, base.clients, base.topology, base.workload)
         assert np.nanmean(outputs(st, n)["first_token"]) > np.nanmean(outputs(jax.device_get(st_base), n)["first_token"])

@@ -105,7 +105,7 @@ def test_per_worker_cpu_term_folds_into_cpu_iter():
 
     import mist  # noqa: F401  (float64)
 
-    from mist.cost.params import CPU_PROMPT_OFF
+    from mist.cost.params import CPU_ABOVE_OFF, CPU_PROMPT_OFF
 
     th = jnp.log(jnp.asarray([1e-3, 2e-5, 3e-8, 2e-3, 4e-2]))
     on = np.asarray(ve.fold_workers(th, 4.0, 1.0))
@@ -123,6 +123,12 @@ def test_per_worker_cpu_term_folds_into_cpu_iter():
     assert float(g[3]) == pytest.approx(8e-3 / 9e-3)
     assert float(jax.grad(lambda t: ve.fold_workers(t, 4.0, 1.0, 0.0)[3])(th)[4]) == 0.0
     assert float(jax.grad(lambda t: ve.fold_workers(t, 4.0, 1.0, 1.0)[3])(th)[4]) == 1.0
+    # the time per token beyond the knee likewise (LARGE_ITER_PROFILES): theta[5], else off
+    th6 = jnp.concatenate([th, jnp.log(jnp.asarray([5e-5]))])
+    assert np.exp(np.asarray(ve.fold_workers(th6, 4.0, 1.0, 0.0, 1.0))[4]) == pytest.approx(5e-5)
+    for folded in (ve.fold_workers(th6, 4.0, 1.0), ve.fold_workers(th, 4.0, 1.0, 0.0, 1.0), three):
+        assert np.exp(np.asarray(folded)[4]) == pytest.approx(CPU_ABOVE_OFF)
+    assert float(jax.grad(lambda t: ve.fold_workers(t, 4.0, 1.0, 0.0, 1.0)[4])(th6)[5]) == 1.0
     assert "vllm-2023" in ve.PER_WORKER_PROFILES
 
 

@@ -23,7 +23,7 @@ import optax
 import pandas as pd
 
 from ..cost.iteration import WIDE_HEAD_DIM
-from ..cost.params import CPU_PROMPT_OFF, NUM_COMMS, NUM_OPS, CostParams, default_params, save_params
+from ..cost.params import CPU_ABOVE_OFF, CPU_KNEE_DEFAULT, CPU_PROMPT_OFF, NUM_COMMS, NUM_OPS, CostParams, default_params, save_params
 from ..specs.catalog import get_hardware
 from ..specs.hardware import Device
 from .predict import Prepared, op_classes_present, predict, predict_prepared, prepare
@@ -168,14 +168,15 @@ def gradient_mask(prep: Prepared, template: CostParams) -> CostParams:
                    p.log_narrow_tile,
                    p.comm_bw_logit, p.log_comm_latency_scale, p.log_comm_s_half, p.comm_beta_logit,
                    p.log_comm_group_exp, p.log_comm_overhead, p.log_cpu_iter, p.log_cpu_per_seq,
-                   p.log_cpu_per_token, p.log_cpu_per_prompt, p.step_noise_sigma),
+                   p.log_cpu_per_token, p.log_cpu_per_prompt, p.log_cpu_per_token_above, p.cpu_token_knee,
+                   p.step_noise_sigma),
         template,
         (jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om), jnp.asarray(om),
          jnp.asarray(om),
          jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm), jnp.asarray(cm),
-         jnp.asarray(cm), z, z, z, z, z),
+         jnp.asarray(cm), z, z, z, z, z, z, z),
     )
     return jax.tree_util.tree_map(lambda m, t: jnp.asarray(m, t.dtype), mask, template)
 
@@ -593,14 +594,17 @@ def with_cpu_block(params: CostParams, cpu: dict | None, kind: str = "gpu") -> C
     """`params` with the CPU-side terms of a "cpu" block (this kind's defaults when None)."""
     d = default_params(kind)
     if cpu is None:
-        vals = (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token, d.log_cpu_per_prompt)
+        vals = (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token, d.log_cpu_per_prompt,
+                d.log_cpu_per_token_above, d.cpu_token_knee)
     else:
         us = dict(cpu)
         us.setdefault("per_prompt_us", CPU_PROMPT_OFF * 1e6)  # files written before the term: off
+        us.setdefault("per_token_above_us", CPU_ABOVE_OFF * 1e6)
         vals = tuple(jnp.asarray(np.log(us[k] * 1e-6), jnp.float32)
-                     for k in ("iter_us", "per_seq_us", "per_token_us", "per_prompt_us"))
-    return eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token, q.log_cpu_per_prompt),
-                       params, vals)
+                     for k in ("iter_us", "per_seq_us", "per_token_us", "per_prompt_us", "per_token_above_us"))
+        vals += (jnp.asarray(us.get("token_knee", CPU_KNEE_DEFAULT), jnp.float32),)
+    return eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token, q.log_cpu_per_prompt,
+                                  q.log_cpu_per_token_above, q.cpu_token_knee), params, vals)
 
 
 def keep_cpu_block(path, cpu: dict | None):

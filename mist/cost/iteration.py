@@ -460,13 +460,15 @@ def dense_sample_pieces(params: CostParams, rep: Replica, n_sample) -> dict[str,
 def dense_combine(params: CostParams, tok: dict, smp: dict, T, n_seq, n_prompt=0.0) -> dict[str, Float[Array, "..."]]:
     """`dense_parts` from its token and sample pieces (which may come from tables) and the CPU side
     of the serving engine (scheduling, input preparation, sampling; n_prompt of the n_seq sequences
-    prefill a prompt chunk and pay params.cpu_per_prompt each), in one fixed order of sums."""
+    prefill a prompt chunk and pay params.cpu_per_prompt each; every token beyond
+    params.cpu_token_knee pays params.cpu_per_token_above), in one fixed order of sums."""
     t_comm = tok["allreduce"] + smp["allgather"]
     t_comm += tok["alltoall"]
     t_comm += tok["sendrecv"]
     t_comm = jnp.where(T > 0, t_comm, 0.0)
     t_cpu = jnp.where(T > 0, params.cpu_iter + params.cpu_per_seq * n_seq + params.cpu_per_token * T
-                      + params.cpu_per_prompt * n_prompt, 0.0)
+                      + params.cpu_per_prompt * n_prompt
+                      + params.cpu_per_token_above * jnp.maximum(T - params.cpu_token_knee, 0.0), 0.0)
     return {"gemm": tok["gemm"], "moe": tok["moe"], "elementwise": tok["elementwise"], "lm_head": smp["lm_head"],
             "comm": t_comm, "cpu": t_cpu}
 

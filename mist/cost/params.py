@@ -135,6 +135,11 @@ class CostParams(eqx.Module):
       log_cpu_per_token: seconds per batched token (input preparation)
       log_cpu_per_prompt: seconds per prompt chunk an iteration prefills (prompt-side input
         preparation and per-prompt work of the serving stack; off, CPU_PROMPT_OFF, unless fitted)
+      log_cpu_per_token_above: seconds per token of an iteration beyond cpu_token_knee tokens (a
+        serving stack whose time per token rises past some iteration size; off, CPU_ABOVE_OFF,
+        unless fitted)
+      cpu_token_knee: tokens per iteration from which log_cpu_per_token_above is charged (fixed,
+        not fitted; CPU_KNEE_DEFAULT)
     Stochastic: step_noise_sigma: sigma of a lognormal multiplier on step times (0 = off).
     """
 
@@ -165,6 +170,8 @@ class CostParams(eqx.Module):
     log_cpu_per_seq: Float[Array, ""]
     log_cpu_per_token: Float[Array, ""]
     log_cpu_per_prompt: Float[Array, ""]
+    log_cpu_per_token_above: Float[Array, ""]
+    cpu_token_knee: Float[Array, ""]
     step_noise_sigma: Float[Array, ""]
 
     # --- physical views
@@ -276,6 +283,10 @@ class CostParams(eqx.Module):
     def cpu_per_prompt(self):
         return jnp.exp(self.log_cpu_per_prompt)
 
+    @property
+    def cpu_per_token_above(self):
+        return jnp.exp(self.log_cpu_per_token_above)
+
     # --- serialisation
     def to_dict(self) -> dict:
         """Physical values (what a person reads in the JSON file)."""
@@ -313,6 +324,8 @@ class CostParams(eqx.Module):
                 "per_seq_us": f(self.cpu_per_seq * 1e6),
                 "per_token_us": f(self.cpu_per_token * 1e6),
                 "per_prompt_us": f(self.cpu_per_prompt * 1e6),
+                "per_token_above_us": f(self.cpu_per_token_above * 1e6),
+                "token_knee": f(self.cpu_token_knee),
             },
             "step_noise_sigma": f(self.step_noise_sigma),
         }
@@ -354,6 +367,8 @@ class CostParams(eqx.Module):
                 cpu_per_seq_s=cpu["per_seq_us"] * 1e-6,
                 cpu_per_token_s=cpu["per_token_us"] * 1e-6,
                 cpu_per_prompt_s=cpu.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6,
+                cpu_per_token_above_s=cpu.get("per_token_above_us", CPU_ABOVE_OFF * 1e6) * 1e-6,
+                cpu_token_knee=cpu.get("token_knee", CPU_KNEE_DEFAULT),
                 step_noise_sigma=d.get("step_noise_sigma", 0.0),
             )
         except (KeyError, TypeError) as e:
@@ -395,6 +410,10 @@ NARROW_TILE_OFF = 1.0
 #: host time per prefilled prompt chunk (s) that switches that term off (the default, and files
 #: written before it existed)
 CPU_PROMPT_OFF = 1e-12
+#: host time per token beyond the knee (s) that switches that term off (exactly, in float64 sums of
+#: durations of ~1e-6 s and more), and the default knee (tokens per iteration)
+CPU_ABOVE_OFF = 1e-30
+CPU_KNEE_DEFAULT = 2048.0
 
 
 def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_eff,
@@ -403,11 +422,12 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
                 comm_overhead_s=None, pair_width=None, serial_bw=None, item_time=None,
                 split_time=None, gqa_pack=None, group_time=None, block_half=None, width_time=None,
                 seq_time=None, seq_half=None, item_wave=None, narrow_tile=None,
-                cpu_per_prompt_s=CPU_PROMPT_OFF) -> CostParams:
+                cpu_per_prompt_s=CPU_PROMPT_OFF, cpu_per_token_above_s=CPU_ABOVE_OFF,
+                cpu_token_knee=CPU_KNEE_DEFAULT) -> CostParams:
     """Build CostParams from physical values (collective terms and the attention pair width left
     out are switched off, see COMM_OFF, PAIR_WIDTH_OFF, SERIAL_BW_OFF, ITEM_TIME_OFF and
     SPLIT_TIME_OFF; the GQA packing is full, GQA_PACK_FULL; the block ramp off, BLOCK_HALF_OFF; the
-    per-prompt host time off, CPU_PROMPT_OFF)."""
+    per-prompt host time off, CPU_PROMPT_OFF; the time per token beyond the knee off, CPU_ABOVE_OFF)."""
     full = lambda v, k: [COMM_OFF[k]] * NUM_COMMS if v is None else v  # noqa: E731
     a = lambda x: jnp.asarray(np.asarray(x, dtype=np.float32))  # noqa: E731
     clip = lambda p: np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)  # noqa: E731
@@ -450,6 +470,8 @@ def make_params(compute_eff, memory_eff, m_half, overhead_s, sharpness, comm_bw_
         log_cpu_per_seq=a(np.log(pos(cpu_per_seq_s))),
         log_cpu_per_token=a(np.log(pos(cpu_per_token_s))),
         log_cpu_per_prompt=a(np.log(pos(cpu_per_prompt_s))),
+        log_cpu_per_token_above=a(np.log(np.maximum(np.asarray(cpu_per_token_above_s, dtype=np.float64), 1e-30))),
+        cpu_token_knee=a(cpu_token_knee),
         step_noise_sigma=a(step_noise_sigma),
     )
 
@@ -539,7 +561,8 @@ def with_cpu_stack(params: CostParams, device_name: str, cpu_stack: str, tp: int
     """`params` with the CPU-side terms that experiments/validate_e2e.py fitted end to end for a
     serving stack (a key of the device file's cpu.variants, e.g. "trtllm" or "vllm-2023": Splitwise's
     2023 vLLM). A stack that dispatches every iteration to each GPU worker (per_worker_us) pays
-    iter_us + per_worker_us x tp per iteration; per_prompt_us, where fitted, per prefilled prompt."""
+    iter_us + per_worker_us x tp per iteration; per_prompt_us, where fitted, per prefilled prompt;
+    per_token_above_us, where fitted, per token of an iteration beyond token_knee tokens."""
     from ..specs.errors import SpecError
 
     p = params_path(device_name)
@@ -554,13 +577,16 @@ def with_cpu_stack(params: CostParams, device_name: str, cpu_stack: str, tp: int
     v = variants[cpu_stack]
     try:
         it = (v["iter_us"] + v.get("per_worker_us", 0.0) * tp) * 1e-6
-        vals = (it, v["per_seq_us"] * 1e-6, v["per_token_us"] * 1e-6, v.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6)
+        vals = (it, v["per_seq_us"] * 1e-6, v["per_token_us"] * 1e-6, v.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6,
+                v.get("per_token_above_us", CPU_ABOVE_OFF * 1e6) * 1e-6)
+        knee = float(v.get("token_knee", CPU_KNEE_DEFAULT))
     except (KeyError, TypeError) as e:
         raise SpecError(str(p), f"cpu.variants.{cpu_stack}", f"missing or malformed {e}",
                         "re-run experiments/validate_e2e.py") from None
-    logs = [jnp.asarray(np.log(max(x, 1e-12)), jnp.float32) for x in vals]
+    logs = [jnp.asarray(np.log(max(x, 1e-12 if i < 4 else CPU_ABOVE_OFF)), jnp.float32) for i, x in enumerate(vals)]
     return dataclasses.replace(params, log_cpu_iter=logs[0], log_cpu_per_seq=logs[1], log_cpu_per_token=logs[2],
-                               log_cpu_per_prompt=logs[3])
+                               log_cpu_per_prompt=logs[3], log_cpu_per_token_above=logs[4],
+                               cpu_token_knee=jnp.asarray(knee, jnp.float32))
 
 
 def save_params(params: CostParams, device_name: str, meta: dict | None = None,
