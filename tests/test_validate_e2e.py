@@ -157,3 +157,31 @@ def test_per_prompt_cpu_term_through_the_scan():
     assert int(done) == 2
     assert float(on) - float(off) == pytest.approx(2 * 5e-3, rel=1e-6)
     assert float(g) == pytest.approx(2 * 5e-3, rel=1e-6)
+
+
+def test_knee_refit_recovers_a_planted_step(tmp_path):
+    """Prefill iterations pack whole prompts under max(max_model_len, 2048) tokens; the offline knee
+    check recovers a time per token beyond the knee planted in the measurements, exactly at the
+    planted knee (zero error on the held-out TP), and a worse fit at another knee."""
+    import pandas as pd
+
+    r = {"max_model_len": 4608, "input": 512, "batch": 16}
+    assert ve.prefill_iterations(r) == [4608, 3584]  # 9 prompts of 512, then 7
+    assert ve.prefill_iterations({"max_model_len": 4096, "input": 8192, "batch": 1}) == [8192]
+    rows = []
+    for dev, b in (("A", 0.15), ("B", 0.05)):
+        for tp in (2, 4, 8):
+            for inp, bat in ((512, 1), (1024, 1), (2048, 1), (4096, 1), (8192, 1), (512, 8), (512, 16)):
+                row = {"source": "splitwise", "device": dev, "tp": tp, "input": inp, "batch": bat,
+                       "max_model_len": inp + 512, "preemptions_after": 0}
+                pred = 0.2 * inp * bat / tp + 30.0
+                beyond = sum(max(0, t - 2048) for t in ve.prefill_iterations(row))
+                rows.append({**row, "pred_ttft_ms_after": pred, "meas_ttft_ms": pred + b * beyond})
+    pd.DataFrame(rows).to_csv(tmp_path / "rows.csv", index=False)
+    out = ve.knee_refit(tmp_path / "rows.csv", knees=(1024, 2048))
+    at = out[out["knee"] == 2048].set_index("device")
+    assert at.loc["A", "b_us_per_token"] == pytest.approx(150.0, rel=1e-4)
+    assert at.loc["B", "b_us_per_token"] == pytest.approx(50.0, rel=1e-4)
+    assert abs(at.loc["A", "a_us_per_token"]) < 1e-2 and (at["test_mape"] < 1e-3).all()
+    assert (at["test_mape_without"] > 1.0).all()
+    assert (out[out["knee"] == 1024]["train_mape"] > at["train_mape"].max() + 0.1).all()
