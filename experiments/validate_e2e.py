@@ -723,6 +723,11 @@ NOTES = """### Reading these numbers
     only under `cpu.variants["vllm-2023"]` (`per_token_above_us`, `token_knee`). A `cpu_stack: vllm-2023`
     client uses it; nothing else does.
   - `--no-large-iter` reproduces the previous fit.
+  - Measured and not kept: the time per prefilled prompt on top (`--per-prompt vllm-2023`, same run
+    otherwise). Offline, on this run's stored predictions, it promised A100 9.2% -> 6.8% held-out TTFT
+    (13.9 ms per extra prompt). Through the scan it settles at 7.1 ms (A100) and 7.4 ms (H100) and
+    pushes the per-token term to ~0. Held-out TTFT 7.7% -> 7.6% (A100 9.2% -> 8.1%, H100 6.2% ->
+    7.1%), TBT 2.6% unchanged, e2e 3.1% -> 3.2%: no gain worth a second unexplained term.
 * **Where the Splitwise prompt time bends (2026-12-03, from the measured rows alone).** Measured TTFT per 1k
   prompt tokens, single prompts of 1024 / 2048 / 4096 / 8192 tokens:
   - A100: TP 2 368 / 336 / 362 / 365 ms; TP 4 225 / 197 / 237 / 285 ms; TP 8 151 / 134 / 159 / 189 ms.
