@@ -784,8 +784,8 @@ NOTES = """### Reading these numbers
   unchanged (their terms are refitted, with different minibatches; the per-worker term is not used
   for them). The engine's own CPU term (`mist.cost.iteration`) is still TP-independent: the per-worker
   time is applied by this script and stored only under `cpu.variants["vllm-2023"].per_worker_us`.
-* **Splitwise TTFT before the term beyond 2048 tokens (13.4%: A100 15.6%, H100 11.2%).** The measured prompt time per token grows with
-  the tokens of the prefill iteration, whether they come from one prompt or several: H100 TP 8 adds
+* **Splitwise TTFT before the term beyond 2048 tokens (13.4%: A100 15.6%, H100 11.2%).** The measured
+  prompt time per token grows with the tokens of the prefill iteration, whether they come from one prompt or several: H100 TP 8 adds
   22 ms per 512 tokens from 512 to 1024 tokens, 29 from 1024 to 2048, 61 from 2048 to 4096 and 59 from
   4096 to 8192, and 8 prompts of 512 take 378 ms like one prompt of 4096 (379 ms). The roofline prefill
   plus a per-token CPU term is linear in tokens, so the fit (27-44 us per token) over-predicts 256-2048

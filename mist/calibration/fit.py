@@ -23,7 +23,8 @@ import optax
 import pandas as pd
 
 from ..cost.iteration import WIDE_HEAD_DIM
-from ..cost.params import CPU_ABOVE_OFF, CPU_KNEE_DEFAULT, CPU_PROMPT_OFF, NUM_COMMS, NUM_OPS, CostParams, default_params, save_params
+from ..cost.params import (CPU_ABOVE_OFF, CPU_KNEE_DEFAULT, CPU_PROMPT_OFF, NUM_COMMS, NUM_OPS, CostParams,
+                           default_params, save_params)
 from ..specs.catalog import get_hardware
 from ..specs.hardware import Device
 from .predict import Prepared, op_classes_present, predict, predict_prepared, prepare

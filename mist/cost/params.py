@@ -577,7 +577,8 @@ def with_cpu_stack(params: CostParams, device_name: str, cpu_stack: str, tp: int
     v = variants[cpu_stack]
     try:
         it = (v["iter_us"] + v.get("per_worker_us", 0.0) * tp) * 1e-6
-        vals = (it, v["per_seq_us"] * 1e-6, v["per_token_us"] * 1e-6, v.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6,
+        vals = (it, v["per_seq_us"] * 1e-6, v["per_token_us"] * 1e-6,
+                v.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6,
                 v.get("per_token_above_us", CPU_ABOVE_OFF * 1e6) * 1e-6)
         knee = float(v.get("token_knee", CPU_KNEE_DEFAULT))
     except (KeyError, TypeError) as e:
