@@ -778,6 +778,13 @@ def test_cpu_time_per_token_beyond_the_knee_by_hand():
     p64 = jax.tree.map(lambda x: x.astype(np.float64), off)
     no_hinge = dataclasses.replace(p64, cpu_token_knee=np.float64(1e9))  # max(T - knee, 0) = 0
     assert f(iteration_time(p64, rep, big)) == f(iteration_time(no_hinge, rep, big))
+    # a malformed value names its field instead of being clipped to "off" or failing inside JAX
+    from mist.specs.errors import SpecError
+
+    for bad in ({"token_knee": "2k"}, {"per_token_above_us": -1.0}, {"per_prompt_us": float("nan")}):
+        e = dict(d, cpu={**d["cpu"], **bad})
+        with pytest.raises(SpecError, match=f"cpu.{next(iter(bad))}"):
+            CostParams.from_dict(e, "x.json")
     # the gradient of the term: d cpu / d log(per_token_above) = per_token_above x (T - knee)
     g = jax.grad(lambda lg: BD(dataclasses.replace(p, log_cpu_per_token_above=lg), rep, b)["cpu"])(
         p.log_cpu_per_token_above)

@@ -336,6 +336,7 @@ class CostParams(eqx.Module):
 
         try:
             ops, comms, cpu = d["ops"], d["comms"], d["cpu"]
+            _check_cpu_terms(cpu, where, "cpu")
             # fields added after a file was written take the value that switches their term off
             # (the formula the file was fitted with)
             cget = lambda k, off: [comms[c.name.lower()].get(k, off) for c in Comm]  # noqa: E731
@@ -374,6 +375,20 @@ class CostParams(eqx.Module):
         except (KeyError, TypeError) as e:
             raise SpecError(where, str(e), "missing or malformed cost parameter",
                             "regenerate the file with `mist calibrate`") from None
+
+
+def _check_cpu_terms(cpu: dict, where: str, field: str):
+    """The optional host-time terms of a "cpu" block (or of one of its serving-stack variants) are
+    numbers >= 0: a wrong one would otherwise be clipped to "off" silently or fail deep inside JAX."""
+    from ..specs.errors import SpecError
+
+    for k in ("per_prompt_us", "per_token_above_us", "token_knee"):
+        if k in cpu:
+            v = cpu[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+                raise SpecError(where, f"{field}.{k}", f"{v!r} is not a number >= 0",
+                                "give a time in microseconds (token_knee: tokens per iteration) or leave "
+                                "the key out to switch the term off")
 
 
 def jax_sigmoid(x):
@@ -575,6 +590,7 @@ def with_cpu_stack(params: CostParams, device_name: str, cpu_stack: str, tp: int
                         f"use one of: {', '.join(have)}" if have else
                         "leave cpu_stack out (no serving stack was fitted end to end for this device)")
     v = variants[cpu_stack]
+    _check_cpu_terms(v, str(p), f"cpu.variants.{cpu_stack}")
     try:
         it = (v["iter_us"] + v.get("per_worker_us", 0.0) * tp) * 1e-6
         vals = (it, v["per_seq_us"] * 1e-6, v["per_token_us"] * 1e-6,
