@@ -225,16 +225,19 @@ def sim_output(row) -> int:
 GEMM_STACKS: dict[str, str] = {}
 
 
+def max_batched_tokens(row) -> int:
+    """The simulated replica's max_num_batched_tokens for a measured row."""
+    if row["framework"] == "trtllm":
+        return 8192  # TensorRT-LLM's default max_num_tokens
+    return max(int(row["max_model_len"]), 2048)  # vLLM v0 default without chunked prefill
+
+
 def deployment_of(row, memory_utilization: float = 0.9):
     from mist.lowering.deployment import Deployment
 
     mml = int(row["max_model_len"])
-    if row["framework"] == "trtllm":
-        mbt = 8192  # TensorRT-LLM's default max_num_tokens
-    else:
-        mbt = max(mml, 2048)  # vLLM v0 default without chunked prefill
     return Deployment.single(row["model"], row["device"], tp=int(row["tp"]), policy="continuous",
-                             max_num_seqs=SLOTS, max_num_batched_tokens=mbt, max_model_len=mml,
+                             max_num_seqs=SLOTS, max_num_batched_tokens=max_batched_tokens(row), max_model_len=mml,
                              memory_utilization=memory_utilization, gemm_stack=GEMM_STACKS.get(profile(row)))
 
 
@@ -962,9 +965,8 @@ def write_report_md(df: pd.DataFrame, summ: pd.DataFrame, fitted: dict | None, b
 
 def prefill_iterations(row) -> list[int]:
     """Tokens of each prefill iteration of a Splitwise row: its B prompts packed whole into
-    iterations of at most max_num_batched_tokens = max(max_model_len, 2048) tokens, as vLLM v0 and the
-    simulated replica do."""
-    per = max(1, max(int(row["max_model_len"]), 2048) // int(row["input"]))
+    iterations of at most `max_batched_tokens` tokens, as vLLM v0 and the simulated replica do."""
+    per = max(1, max_batched_tokens(row) // int(row["input"]))
     left, out = int(row["batch"]), []
     while left > 0:
         k = min(per, left)

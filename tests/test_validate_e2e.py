@@ -165,14 +165,14 @@ def test_knee_refit_recovers_a_planted_step(tmp_path):
     planted knee (zero error on the held-out TP), and a worse fit at another knee."""
     import pandas as pd
 
-    r = {"max_model_len": 4608, "input": 512, "batch": 16}
+    r = {"framework": "vllm", "max_model_len": 4608, "input": 512, "batch": 16}
     assert ve.prefill_iterations(r) == [4608, 3584]  # 9 prompts of 512, then 7
-    assert ve.prefill_iterations({"max_model_len": 4096, "input": 8192, "batch": 1}) == [8192]
+    assert ve.prefill_iterations({"framework": "vllm", "max_model_len": 4096, "input": 8192, "batch": 1}) == [8192]
     rows = []
     for dev, b in (("A", 0.15), ("B", 0.05)):
         for tp in (2, 4, 8):
             for inp, bat in ((512, 1), (1024, 1), (2048, 1), (4096, 1), (8192, 1), (512, 8), (512, 16)):
-                row = {"source": "splitwise", "device": dev, "tp": tp, "input": inp, "batch": bat,
+                row = {"source": "splitwise", "framework": "vllm", "device": dev, "tp": tp, "input": inp, "batch": bat,
                        "max_model_len": inp + 512, "preemptions_after": 0}
                 pred = 0.2 * inp * bat / tp + 30.0
                 beyond = sum(max(0, t - 2048) for t in ve.prefill_iterations(row))

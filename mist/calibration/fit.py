@@ -12,6 +12,7 @@ same shape (on any device, from any source) is never on both sides.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
 
@@ -23,8 +24,7 @@ import optax
 import pandas as pd
 
 from ..cost.iteration import WIDE_HEAD_DIM
-from ..cost.params import (CPU_ABOVE_OFF, CPU_KNEE_DEFAULT, CPU_PROMPT_OFF, NUM_COMMS, NUM_OPS, CostParams,
-                           default_params, save_params)
+from ..cost.params import NUM_COMMS, NUM_OPS, CostParams, cpu_fields, default_params, save_params
 from ..specs.catalog import get_hardware
 from ..specs.hardware import Device
 from .predict import Prepared, op_classes_present, predict, predict_prepared, prepare
@@ -593,19 +593,13 @@ def own_cpu_block(device_name: str, directory) -> dict | None:
 
 def with_cpu_block(params: CostParams, cpu: dict | None, kind: str = "gpu") -> CostParams:
     """`params` with the CPU-side terms of a "cpu" block (this kind's defaults when None)."""
+    if cpu is not None:  # the default block's terms (a block has no per-worker time: tp stays 1)
+        return dataclasses.replace(params, **cpu_fields(cpu, "parameter file", "cpu"))
     d = default_params(kind)
-    if cpu is None:
-        vals = (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token, d.log_cpu_per_prompt,
-                d.log_cpu_per_token_above, d.cpu_token_knee)
-    else:
-        us = dict(cpu)
-        us.setdefault("per_prompt_us", CPU_PROMPT_OFF * 1e6)  # files written before the term: off
-        us.setdefault("per_token_above_us", CPU_ABOVE_OFF * 1e6)
-        vals = tuple(jnp.asarray(np.log(us[k] * 1e-6), jnp.float32)
-                     for k in ("iter_us", "per_seq_us", "per_token_us", "per_prompt_us", "per_token_above_us"))
-        vals += (jnp.asarray(us.get("token_knee", CPU_KNEE_DEFAULT), jnp.float32),)
     return eqx.tree_at(lambda q: (q.log_cpu_iter, q.log_cpu_per_seq, q.log_cpu_per_token, q.log_cpu_per_prompt,
-                                  q.log_cpu_per_token_above, q.cpu_token_knee), params, vals)
+                                  q.log_cpu_per_token_above, q.cpu_token_knee), params,
+                       (d.log_cpu_iter, d.log_cpu_per_seq, d.log_cpu_per_token, d.log_cpu_per_prompt,
+                        d.log_cpu_per_token_above, d.cpu_token_knee))
 
 
 def keep_cpu_block(path, cpu: dict | None):

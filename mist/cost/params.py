@@ -589,21 +589,29 @@ def with_cpu_stack(params: CostParams, device_name: str, cpu_stack: str, tp: int
         raise SpecError(device_name, "cpu_stack", f"'{cpu_stack}': no CPU terms fitted for that serving stack",
                         f"use one of: {', '.join(have)}" if have else
                         "leave cpu_stack out (no serving stack was fitted end to end for this device)")
-    v = variants[cpu_stack]
-    _check_cpu_terms(v, str(p), f"cpu.variants.{cpu_stack}")
+    return dataclasses.replace(params, **cpu_fields(variants[cpu_stack], str(p), f"cpu.variants.{cpu_stack}", tp,
+                                                    "re-run experiments/validate_e2e.py"))
+
+
+def cpu_fields(cpu: dict, where: str, field: str, tp: int = 1, fix: str = "regenerate the file") -> dict:
+    """The CostParams CPU fields (log_cpu_*, cpu_token_knee) of a "cpu" block of a parameter file (or
+    one of its cpu.variants): iter_us (+ per_worker_us x tp where the stack pays one), per_seq_us,
+    per_token_us, and the optional terms (absent: off). A missing or malformed key is a SpecError
+    naming `where` and `field`."""
+    from ..specs.errors import SpecError
+
+    _check_cpu_terms(cpu, where, field)
     try:
-        it = (v["iter_us"] + v.get("per_worker_us", 0.0) * tp) * 1e-6
-        vals = (it, v["per_seq_us"] * 1e-6, v["per_token_us"] * 1e-6,
-                v.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6,
-                v.get("per_token_above_us", CPU_ABOVE_OFF * 1e6) * 1e-6)
-        knee = float(v.get("token_knee", CPU_KNEE_DEFAULT))
+        vals = ((cpu["iter_us"] + cpu.get("per_worker_us", 0.0) * tp) * 1e-6, cpu["per_seq_us"] * 1e-6,
+                cpu["per_token_us"] * 1e-6, cpu.get("per_prompt_us", CPU_PROMPT_OFF * 1e6) * 1e-6,
+                cpu.get("per_token_above_us", CPU_ABOVE_OFF * 1e6) * 1e-6)
+        knee = float(cpu.get("token_knee", CPU_KNEE_DEFAULT))
     except (KeyError, TypeError) as e:
-        raise SpecError(str(p), f"cpu.variants.{cpu_stack}", f"missing or malformed {e}",
-                        "re-run experiments/validate_e2e.py") from None
-    logs = [jnp.asarray(np.log(max(x, 1e-12 if i < 4 else CPU_ABOVE_OFF)), jnp.float32) for i, x in enumerate(vals)]
-    return dataclasses.replace(params, log_cpu_iter=logs[0], log_cpu_per_seq=logs[1], log_cpu_per_token=logs[2],
-                               log_cpu_per_prompt=logs[3], log_cpu_per_token_above=logs[4],
-                               cpu_token_knee=jnp.asarray(knee, jnp.float32))
+        raise SpecError(where, field, f"missing or malformed {e}", fix) from None
+    floors = (1e-12, 1e-12, 1e-12, 1e-12, CPU_ABOVE_OFF)  # where each term is off
+    logs = [jnp.asarray(np.log(max(x, lo)), jnp.float32) for x, lo in zip(vals, floors)]
+    return dict(log_cpu_iter=logs[0], log_cpu_per_seq=logs[1], log_cpu_per_token=logs[2], log_cpu_per_prompt=logs[3],
+                log_cpu_per_token_above=logs[4], cpu_token_knee=jnp.asarray(knee, jnp.float32))
 
 
 def save_params(params: CostParams, device_name: str, meta: dict | None = None,
