@@ -334,3 +334,22 @@ def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max, pro
         base = lower(dep, reqs, **D16, absorb=8)
         st_base, _ = simulate_arrays(base.dims, base.clients, base.topology, base.workload)
         assert np.nanmean(outputs(st, n)["first_token"]) > np.nanmean(outputs(jax.device_get(st_base), n)["first_token"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st_.lists(st_.integers(-2**31, 2**31 - 1), min_size=1, max_size=32), b=st_.integers(1, 2**30 - 1))
+def test_float_division_helpers_are_exact(a, b):
+    """The step's ceil and floor divisions by a per-config divisor (block size) go through float64
+    division (which XLA CPU computes through a reciprocal, so 237 / 237 < 1) and a correction in
+    integers; they equal Python's integer arithmetic, also at exact multiples of b and one either side
+    of them, where a float quotient rounds across an integer."""
+    from mist.engine.step import _cdiv, _fdivmod
+
+    near = [x for v in a for x in ((v // b) * b - 1, (v // b) * b, (v // b) * b + 1, v)
+            if -2**31 <= x < 2**31]
+    x = np.asarray(near, np.int32)
+    got_c = np.asarray(_cdiv(x, np.int32(b)))
+    got_q, got_r = (np.asarray(v) for v in _fdivmod(x, np.int32(b)))
+    np.testing.assert_array_equal(got_c, [-(-v // b) for v in near])
+    np.testing.assert_array_equal(got_q, [v // b for v in near])
+    np.testing.assert_array_equal(got_r, [v % b for v in near])

@@ -22,8 +22,23 @@ I32 = jnp.int32
 F64 = jnp.float64
 
 
+def _fdivmod(a, b):
+    """(a // b, a % b) (floor division) of any int32 a and 1 <= b < 2**30, exactly: a float64
+    quotient corrected by one step in (wrapping) int32 arithmetic. XLA CPU divides float64 through
+    a reciprocal (237 / 237 is 1 - 2**-53), so the floor can be one off at exact multiples; the
+    remainder check fixes that. On CPU these are vector instructions, where int32 division by a
+    per-config divisor (block size, pool size) is a scalar loop."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    q = jnp.floor(a.astype(F64) / b.astype(F64)).astype(I32)
+    r = a - q * b
+    q = q - (r < 0) + (r >= b)
+    return q, a - q * b
+
+
 def _cdiv(a, b):
-    return (a + b - 1) // b
+    """ceil(a / b) of int32 a and b >= 1, exactly (see `_fdivmod`)."""
+    q, r = _fdivmod(a, b)
+    return q + (r > 0)
 
 
 def _excl_cumsum(x):
@@ -140,11 +155,11 @@ def route_and_push(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Worklo
     rank = _rank_among_equal(pool_s, live)
     router = topo.router[pool_s]
     nm = jnp.maximum(n_mem, 1)
-    k_rr = (st.rr[pool_s] + rank) % nm
-    k_pfx = jnp.where(wl.prefix_key[rid_s] >= 0, wl.prefix_key[rid_s] % nm, k_rr)
+    k_rr = _fdivmod(st.rr[pool_s] + rank, nm)[1]
+    k_pfx = jnp.where(wl.prefix_key[rid_s] >= 0, _fdivmod(wl.prefix_key[rid_s], nm)[1], k_rr)
     k = jnp.where(router == Router.PREFIX_AFFINITY, k_pfx, k_rr)
     by_index = jnp.argmax(members & (pos_in_pool[pool_s] == k[:, None]), axis=1)
-    by_load = jnp.argmax(members & (rank_in_pool[pool_s] == (rank % nm)[:, None]), axis=1)
+    by_load = jnp.argmax(members & (rank_in_pool[pool_s] == _fdivmod(rank, nm)[1][:, None]), axis=1)
     client = jnp.where(router == Router.LEAST_OUTSTANDING, by_load, by_index).astype(I32)
     uses_rr = (router == Router.ROUND_ROBIN) | ((router == Router.PREFIX_AFFINITY) & (wl.prefix_key[rid_s] < 0))
     rr = st.rr.at[pool_s].add(jnp.where(live & uses_rr, 1, 0).astype(I32))
@@ -457,10 +472,12 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # v = bs - (y mod bs) in 1..bs, [.] <=> v <= j mod bs: a histogram of v (capped at W, since
     # j mod bs < W) and its prefix sums give the count for every j in O(S + W)
     y = prompt + gen - 1
-    v = jnp.where(dec1, jnp.minimum(bs - y % bs, W), W + 1)
+    y_div, y_mod = _fdivmod(jnp.maximum(y, 0), bs)
+    v = jnp.where(dec1, jnp.minimum(bs - y_mod, W), W + 1)
     below = jnp.cumsum(jnp.zeros(W + 2, I32).at[v].add(1))  # below[m] = #{v <= m}
-    base_blocks, n_dec1, n_pf_left = _slot_sums(jnp.where(dec1, y // bs + 1, 0), dec1, prefill & active)
-    blocks_j = base_blocks + n_dec1 * (js // bs) + below[js % bs]
+    base_blocks, n_dec1, n_pf_left = _slot_sums(jnp.where(dec1, y_div + 1, 0), dec1, prefill & active)
+    j_div, j_mod = _fdivmod(js, bs)
+    blocks_j = base_blocks + n_dec1 * j_div + below[j_mod]
     pending = jnp.where(inq & ~rdy & (w_ready > t), w_ready, INF).min()
     cont = is_llm & ~preempting & (n_pf_left == 0) & (decode_only | ~blocked)
 
