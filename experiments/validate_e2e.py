@@ -112,6 +112,12 @@ LARGE_ITER_START = 3e-5
 
 
 # ----------------------------------------------------------------------------- loaders
+#: The columns of a device's theta (log seconds), named by their keys in a parameter file's cpu block
+#: (the results JSON adds a "cpu_" prefix); `fold_workers` turns them into the engine's CPU terms.
+THETA_KEYS = ("iter_us", "per_seq_us", "per_token_us", "per_worker_us", "per_prompt_us", "per_token_above_us")
+TH_ITER, TH_SEQ, TH_TOKEN, TH_WORKER, TH_PROMPT, TH_ABOVE = range(len(THETA_KEYS))
+
+
 def have_data(root: Path = DATA) -> bool:
     return (root / LIB_FILE).exists() and (root / SW_FILE).exists()
 
@@ -279,12 +285,14 @@ def fold_workers(theta, tp, on, prompt_on=0.0, above_on=0.0):
     theta = jnp.asarray(theta)
     off = jnp.full(theta.shape[:-1], np.log(CPU_PROMPT_OFF), theta.dtype)
     off_above = jnp.full(theta.shape[:-1], np.log(CPU_ABOVE_OFF), theta.dtype)
-    if theta.shape[-1] == 3:
+    n = theta.shape[-1]
+    if n == TH_WORKER:
         return jnp.concatenate([theta, off[..., None], off_above[..., None]], axis=-1)
-    it = jnp.exp(theta[..., 0]) + jnp.asarray(on, theta.dtype) * jnp.exp(theta[..., 3]) * jnp.asarray(tp, theta.dtype)
-    pp = off if theta.shape[-1] < 5 else jnp.where(jnp.asarray(prompt_on) > 0, theta[..., 4], off)
-    ab = off_above if theta.shape[-1] < 6 else jnp.where(jnp.asarray(above_on) > 0, theta[..., 5], off_above)
-    return jnp.stack([jnp.log(it), theta[..., 1], theta[..., 2], pp, ab], axis=-1)
+    it = (jnp.exp(theta[..., TH_ITER])
+          + jnp.asarray(on, theta.dtype) * jnp.exp(theta[..., TH_WORKER]) * jnp.asarray(tp, theta.dtype))
+    pp = off if n <= TH_PROMPT else jnp.where(jnp.asarray(prompt_on) > 0, theta[..., TH_PROMPT], off)
+    ab = off_above if n <= TH_ABOVE else jnp.where(jnp.asarray(above_on) > 0, theta[..., TH_ABOVE], off_above)
+    return jnp.stack([jnp.log(it), theta[..., TH_SEQ], theta[..., TH_TOKEN], pp, ab], axis=-1)
 
 
 def with_cpu(clients, theta):
@@ -296,7 +304,7 @@ def with_cpu(clients, theta):
     p = clients.params
     shape = p.log_cpu_iter.shape
     theta = jnp.asarray(theta)
-    if theta.shape[-1] == 3:  # (iteration, sequence, token): no per-prompt time
+    if theta.shape[-1] == TH_WORKER:  # (iteration, sequence, token): no per-prompt time
         theta = fold_workers(theta, 1.0, 0.0)
     # float64 leaves always (the engine costs in float64): one dtype, so one compiled program
     vals = tuple(jnp.broadcast_to(jnp.asarray(theta[..., i], jnp.float64)[..., None], shape) for i in range(5))
@@ -511,15 +519,15 @@ def fit_cpu(train: pd.DataFrame, theta0: dict, steps: int, lr: float, n_steps: i
         hist.append(float(val))
         if it % 10 == 0 or it == steps - 1:
             log(f"  fit step {it:3d}: loss {float(val):.4f} ({time.perf_counter() - t0:.0f} s)  "
-                + "  ".join(f"{d}: iter {np.exp(float(theta[i, 0])) * 1e3:.2f} ms, "
-                            f"seq {np.exp(float(theta[i, 1])) * 1e6:.1f} us, "
-                            f"tok {np.exp(float(theta[i, 2])) * 1e6:.3f} us"
-                            + (f", worker {np.exp(float(theta[i, 3])) * 1e3:.2f} ms" if d.split("|")[1]
+                + "  ".join(f"{d}: iter {np.exp(float(theta[i, TH_ITER])) * 1e3:.2f} ms, "
+                            f"seq {np.exp(float(theta[i, TH_SEQ])) * 1e6:.1f} us, "
+                            f"tok {np.exp(float(theta[i, TH_TOKEN])) * 1e6:.3f} us"
+                            + (f", worker {np.exp(float(theta[i, TH_WORKER])) * 1e3:.2f} ms" if d.split("|")[1]
                                in PER_WORKER_PROFILES else "")
-                            + (f", prompt {np.exp(float(theta[i, 4])) * 1e3:.2f} ms" if d.split("|")[1]
+                            + (f", prompt {np.exp(float(theta[i, TH_PROMPT])) * 1e3:.2f} ms" if d.split("|")[1]
                                in PER_PROMPT_PROFILES else "")
-                            + (f", above knee {np.exp(float(theta[i, 5])) * 1e6:.1f} us/token" if d.split("|")[1]
-                               in LARGE_ITER_PROFILES else "") for i, d in enumerate(devices)))
+                            + (f", above knee {np.exp(float(theta[i, TH_ABOVE])) * 1e6:.1f} us/token"
+                               if d.split("|")[1] in LARGE_ITER_PROFILES else "") for i, d in enumerate(devices)))
     return {d: np.asarray(theta[i]) for i, d in enumerate(devices)}, hist
 
 
@@ -533,36 +541,27 @@ def _current_theta(device: str) -> np.ndarray:
     from mist.specs.catalog import get_hardware
 
     p, _ = load_params(device, get_hardware(device).kind)
-    return np.array([float(p.log_cpu_iter), float(p.log_cpu_per_seq), float(p.log_cpu_per_token),
-                     np.log(PER_WORKER_OFF), float(p.log_cpu_per_prompt), float(p.log_cpu_per_token_above)])
+    logs = {"iter_us": p.log_cpu_iter, "per_seq_us": p.log_cpu_per_seq, "per_token_us": p.log_cpu_per_token,
+            "per_worker_us": np.log(PER_WORKER_OFF), "per_prompt_us": p.log_cpu_per_prompt,
+            "per_token_above_us": p.log_cpu_per_token_above}
+    return np.array([float(logs[k]) for k in THETA_KEYS])
 
 
 def _theta_json(t) -> dict:
-    d = {"cpu_iter_us": float(np.exp(t[0]) * 1e6), "cpu_per_seq_us": float(np.exp(t[1]) * 1e6),
-         "cpu_per_token_us": float(np.exp(t[2]) * 1e6)}
-    if len(t) > 3:
-        d["cpu_per_worker_us"] = float(np.exp(t[3]) * 1e6)
-    if len(t) > 4:
-        d["cpu_per_prompt_us"] = float(np.exp(t[4]) * 1e6)
-    if len(t) > 5:
-        d["cpu_per_token_above_us"] = float(np.exp(t[5]) * 1e6)
+    d = {f"cpu_{k}": float(np.exp(t[i]) * 1e6) for i, k in enumerate(THETA_KEYS[:len(t)])}
+    if len(t) > TH_ABOVE:
         d["token_knee"] = KNEE_TOKENS
     return d
 
 
 def _cpu_dict(theta: np.ndarray, origin: str, per_worker: bool = False, per_prompt: bool = False,
               above: bool = False) -> dict:
-    d = {"iter_us": float(np.exp(theta[0]) * 1e6), "per_seq_us": float(np.exp(theta[1]) * 1e6),
-         "per_token_us": float(np.exp(theta[2]) * 1e6)}
-    if per_worker and len(theta) > 3:
-        # host time per iteration = iter_us + per_worker_us x TP (see PER_WORKER_PROFILES)
-        d["per_worker_us"] = float(np.exp(theta[3]) * 1e6)
-    if per_prompt and len(theta) > 4:
-        # host time per prompt chunk an iteration prefills (the engine's params.cpu_per_prompt)
-        d["per_prompt_us"] = float(np.exp(theta[4]) * 1e6)
-    if above and len(theta) > 5:
-        # host time per token of an iteration beyond token_knee tokens (params.cpu_per_token_above)
-        d["per_token_above_us"] = float(np.exp(theta[5]) * 1e6)
+    # optional terms, stored only for the stacks that pay them: host time per iteration = iter_us +
+    # per_worker_us x TP (PER_WORKER_PROFILES); per prompt chunk an iteration prefills (the engine's
+    # params.cpu_per_prompt); per token of an iteration beyond token_knee tokens (cpu_per_token_above)
+    wanted = {TH_WORKER: per_worker, TH_PROMPT: per_prompt, TH_ABOVE: above}
+    d = {k: float(np.exp(theta[i]) * 1e6) for i, k in enumerate(THETA_KEYS[:len(theta)]) if wanted.get(i, True)}
+    if "per_token_above_us" in d:
         d["token_knee"] = KNEE_TOKENS
     d["origin"] = origin
     return d
@@ -910,14 +909,16 @@ def write_report_md(df: pd.DataFrame, summ: pd.DataFrame, fitted: dict | None, b
               "|---|---|---|---|---|---|---|---|"]
         for d, th in fitted.items():
             b = before[d]
-            L.append(f"| {d} | {fit_info['fitted_on'][d]} | {np.exp(b[0]) * 1e6:.0f} -> {np.exp(th[0]) * 1e6:.0f} | "
-                     f"{np.exp(b[1]) * 1e6:.1f} -> {np.exp(th[1]) * 1e6:.1f} | "
-                     f"{np.exp(b[2]) * 1e6:.4f} -> {np.exp(th[2]) * 1e6:.4f} | "
-                     + (f"0 -> {np.exp(th[3]) * 1e6:.0f} |" if len(th) > 3 and d.split("|")[1] in PER_WORKER_PROFILES
+            us, bus = np.exp(th) * 1e6, np.exp(b) * 1e6
+            stack = d.split("|")[1]
+            L.append(f"| {d} | {fit_info['fitted_on'][d]} | {bus[TH_ITER]:.0f} -> {us[TH_ITER]:.0f} | "
+                     f"{bus[TH_SEQ]:.1f} -> {us[TH_SEQ]:.1f} | "
+                     f"{bus[TH_TOKEN]:.4f} -> {us[TH_TOKEN]:.4f} | "
+                     + (f"0 -> {us[TH_WORKER]:.0f} |" if len(th) > TH_WORKER and stack in PER_WORKER_PROFILES
                         else "- |")
-                     + (f" 0 -> {np.exp(th[4]) * 1e3:.1f} |" if len(th) > 4 and d.split("|")[1] in PER_PROMPT_PROFILES
+                     + (f" 0 -> {us[TH_PROMPT] * 1e-3:.1f} |" if len(th) > TH_PROMPT and stack in PER_PROMPT_PROFILES
                         else " - |")
-                     + (f" 0 -> {np.exp(th[5]) * 1e6:.1f} |" if len(th) > 5 and d.split("|")[1] in LARGE_ITER_PROFILES
+                     + (f" 0 -> {us[TH_ABOVE]:.1f} |" if len(th) > TH_ABOVE and stack in LARGE_ITER_PROFILES
                         else " - |"))
         L += ["", "Test configurations only (never seen by the fit), MAPE % before -> after:", "",
               "| quantity | before | after | n |", "|---|---|---|---|"]
@@ -1017,10 +1018,10 @@ def report_only(args) -> int:
             df.loc[~df["plausible"], c] = np.nan
     fitted = before = None
     if "fitted" in js:
-        th = lambda d: np.log(np.array([d["cpu_iter_us"], d["cpu_per_seq_us"], d["cpu_per_token_us"],  # noqa: E731
-                                        d.get("cpu_per_worker_us", PER_WORKER_OFF * 1e6),
-                                        d.get("cpu_per_prompt_us", CPU_PROMPT_OFF * 1e6),
-                                        d.get("cpu_per_token_above_us", CPU_ABOVE_OFF * 1e6)]) * 1e-6)
+        off_us = {"per_worker_us": PER_WORKER_OFF * 1e6, "per_prompt_us": CPU_PROMPT_OFF * 1e6,
+                  "per_token_above_us": CPU_ABOVE_OFF * 1e6}  # terms a file written before them lacks
+        th = lambda d: np.log(np.array([d[f"cpu_{k}"] if k not in off_us else d.get(f"cpu_{k}", off_us[k])  # noqa: E731
+                                        for k in THETA_KEYS]) * 1e-6)
         fitted = {k: th(v) for k, v in js["fitted"].items()}
         before = {k: th(v) for k, v in js["before"].items()}
     summ = summary_table(df, tags)
