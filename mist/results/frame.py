@@ -62,6 +62,12 @@ def requests_frame(lowered, state) -> pd.DataFrame:
     rejected), and per stage k: stage{k}_client (name, "" if not reached), stage{k}_start, stage{k}_end.
     Rejected requests have NaN ttft/tpot/e2e/finish.
     """
+    return pd.DataFrame(request_columns(lowered, state))
+
+
+def request_columns(lowered, state, names: bool = True) -> dict[str, np.ndarray]:
+    """The columns of `requests_frame` as numpy arrays; without `names`, the name columns (pipeline,
+    reject_reason, stage{k}_client) are left out (a summary needs none of them)."""
     _check_unbatched(state)
     wl = lowered.workload
     valid = _host(wl.valid).astype(bool)
@@ -71,7 +77,6 @@ def requests_frame(lowered, state) -> pd.DataFrame:
     out = _host(wl.output_tokens)[idx].astype(np.int64)
     cached = _host(wl.cached_tokens)[idx].astype(np.int64)
     pipe = _host(wl.pipeline)[idx].astype(np.int64)
-    pipe_name = _names_of(pipe, list(lowered.pipeline_names), lambda p: f"pipeline{p}")
 
     reject = _host(state.o_reject)[idx].astype(np.int64)
     rejected = reject != Reject.NONE
@@ -94,20 +99,24 @@ def requests_frame(lowered, state) -> pd.DataFrame:
     completed = ~rejected & np.isfinite(finish)
 
     cols = {
-        "request_id": idx.astype(np.int64), "pipeline": pipe_name, "arrival": arrival, "input_tokens": inp,
+        "request_id": idx.astype(np.int64),
+        "pipeline": _names_of(pipe, list(lowered.pipeline_names), lambda p: f"pipeline{p}") if names else None,
+        "arrival": arrival, "input_tokens": inp,
         "output_tokens": out, "cached_tokens": cached, "scheduled": start[:, 0], "first_token": first,
         "finish": finish, "ttft": first - arrival, "e2e": finish - arrival, "tpot": tpot, "queueing": queueing,
         "preemptions": _host(state.o_preemptions)[idx].astype(np.int64), "rejected": rejected,
         "reject_code": reject,
-        "reject_reason": _names_of(reject, [reject_reason(c) for c in range(max(Reject) + 1)], reject_reason),
+        "reject_reason": (_names_of(reject, [reject_reason(c) for c in range(max(Reject) + 1)], reject_reason)
+                          if names else None),
         "completed": completed,
     }
     cnames = list(lowered.client_names)
     for k in range(K):
-        cols[f"stage{k}_client"] = _names_of(sclient[:, k], cnames, lambda c: "")
+        if names:
+            cols[f"stage{k}_client"] = _names_of(sclient[:, k], cnames, lambda c: "")
         cols[f"stage{k}_start"] = start[:, k]
         cols[f"stage{k}_end"] = end[:, k]
-    return pd.DataFrame(cols)
+    return {k: v for k, v in cols.items() if v is not None}
 
 
 def num_stages(df: pd.DataFrame) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..engine.tables import Reject
-from .frame import _check_unbatched, _host, requests_frame
+from .frame import _check_unbatched, _host, request_columns
 from .itl import itl_count, itl_mean, itl_percentiles
 
 LATENCY_PERCENTILES = (50, 90, 99)
@@ -44,8 +44,10 @@ def _latency_stats(name: str, values_s: np.ndarray, percentiles=LATENCY_PERCENTI
     v = v[np.isfinite(v)] * 1e3
     out = {f"mean_{name}_ms": float(v.mean()) if v.size else float("nan"),
            f"std_{name}_ms": float(v.std()) if v.size else float("nan")}
-    for p in percentiles:
-        out[f"{_pct_name(p)}_{name}_ms"] = float(np.percentile(v, p)) if v.size else float("nan")
+    # one call for every percentile (one partition of the values instead of one per percentile)
+    pct = np.percentile(v, list(percentiles)) if v.size else np.full(len(percentiles), np.nan)
+    for p, x in zip(percentiles, pct):
+        out[f"{_pct_name(p)}_{name}_ms"] = float(x)
     return out
 
 
@@ -62,46 +64,51 @@ def summarize(lowered, state, stats=None, slo: SLO = SLO(), df: pd.DataFrame | N
     `df` may pass an already built `requests_frame(lowered, state)`.
     """
     _check_unbatched(state)
-    df = requests_frame(lowered, state) if df is None else df
-    done = df[df["completed"]]
-    rej = df[df["rejected"]]
-    n = len(df)
+    # numpy columns (a sweep summarises thousands of runs: no frame, no name columns)
+    need = ("arrival", "finish", "input_tokens", "output_tokens", "preemptions", "reject_code", "rejected",
+            "completed", "ttft", "tpot", "e2e", "queueing")
+    cols = request_columns(lowered, state, names=False) if df is None else {k: df[k].to_numpy() for k in need}
+    completed, rejected = cols["completed"].astype(bool), cols["rejected"].astype(bool)
+    done = {k: cols[k][completed] for k in ("finish", "input_tokens", "output_tokens", "ttft", "tpot", "e2e",
+                                            "queueing")}
+    n, n_done, n_rej = len(completed), int(completed.sum()), int(rejected.sum())
 
-    by_reason = {r.name.lower(): int((rej["reject_code"] == int(r)).sum()) for r in Reject if r != Reject.NONE}
-    first_arrival = float(df["arrival"].min()) if n else 0.0
-    last_finish = float(done["finish"].max()) if len(done) else first_arrival
+    codes = np.bincount(cols["reject_code"][rejected].astype(np.int64), minlength=max(Reject) + 1)
+    by_reason = {r.name.lower(): int(codes[int(r)]) for r in Reject if r != Reject.NONE}
+    first_arrival = float(cols["arrival"].min()) if n else 0.0
+    last_finish = float(done["finish"].max()) if n_done else first_arrival
     duration = max(last_finish - first_arrival, 0.0)
     tin = int(done["input_tokens"].sum())
     tout = int(done["output_tokens"].sum())
 
     s: dict = {
         "num_requests": n,
-        "completed": int(len(done)),
-        "rejected": int(len(rej)),
+        "completed": n_done,
+        "rejected": n_rej,
         "rejected_by_reason": {k: v for k, v in by_reason.items() if v},
-        "unfinished": int(n - len(done) - len(rej)),
+        "unfinished": int(n - n_done - n_rej),
         "duration_s": duration,
         "total_input_tokens": tin,
         "total_output_tokens": tout,
-        "total_preemptions": int(df["preemptions"].sum()),
-        "request_throughput": _rate(len(done), duration),
+        "total_preemptions": int(cols["preemptions"].sum()),
+        "request_throughput": _rate(n_done, duration),
         "input_throughput": _rate(tin, duration),
         "output_throughput": _rate(tout, duration),
         "total_token_throughput": _rate(tin + tout, duration),
     }
-    s.update(_latency_stats("ttft", done["ttft"].to_numpy()))
-    s.update(_latency_stats("tpot", done["tpot"].to_numpy()))
+    s.update(_latency_stats("ttft", done["ttft"]))
+    s.update(_latency_stats("tpot", done["tpot"]))
     hist = _host(state.itl_hist)
     s["mean_itl_ms"] = itl_mean(hist, _host(state.itl_sum)) * 1e3
     for p, v in zip(LATENCY_PERCENTILES, itl_percentiles(hist, LATENCY_PERCENTILES)):
         s[f"{_pct_name(p)}_itl_ms"] = float(v) * 1e3
     s["itl_count"] = itl_count(hist)
-    s.update(_latency_stats("e2el", done["e2e"].to_numpy()))
-    s.update(_latency_stats("queueing", done["queueing"].to_numpy()))
+    s.update(_latency_stats("e2el", done["e2e"]))
+    s.update(_latency_stats("queueing", done["queueing"]))
 
     # goodput: rejected requests are never good; TPOT is undefined (and not limiting) for 1-token outputs
-    ttft_ok = done["ttft"].to_numpy() * 1e3 <= slo.ttft_ms
-    tpot = done["tpot"].to_numpy()
+    ttft_ok = done["ttft"] * 1e3 <= slo.ttft_ms
+    tpot = done["tpot"]
     tpot_ok = ~np.isfinite(tpot) | (tpot * 1e3 <= slo.tpot_ms)
     good = int((ttft_ok & tpot_ok).sum())
     s["good_requests"] = good
@@ -109,21 +116,22 @@ def summarize(lowered, state, stats=None, slo: SLO = SLO(), df: pd.DataFrame | N
     s["request_goodput"] = _rate(good, duration)
 
     checks = {}
-    for p, fx, fy in zip(slo.percentiles, slo.ttft_slowdown, slo.tpot_slowdown):
-        for metric, col, base, mult in (("ttft", "ttft", slo.ttft_ms, fx), ("tpot", "tpot", slo.tpot_ms, fy)):
-            v = done[col].to_numpy()
-            v = v[np.isfinite(v)] * 1e3
-            value = float(np.percentile(v, p)) if v.size else float("nan")
+    finite = {m: done[m][np.isfinite(done[m])] * 1e3 for m in ("ttft", "tpot")}
+    pct = {m: (np.percentile(v, list(slo.percentiles)) if v.size else np.full(len(slo.percentiles), np.nan))
+           for m, v in finite.items()}
+    for i, (p, fx, fy) in enumerate(zip(slo.percentiles, slo.ttft_slowdown, slo.tpot_slowdown)):
+        for metric, base, mult in (("ttft", slo.ttft_ms, fx), ("tpot", slo.tpot_ms, fy)):
+            value = float(pct[metric][i])
             limit = base * mult
-            if v.size:
+            if finite[metric].size:
                 met = bool(value <= limit)
             else:  # every completed output was one token: TPOT does not limit; nothing completed: fails
-                met = metric == "tpot" and len(done) > 0
+                met = metric == "tpot" and n_done > 0
             checks[f"p{p:g}_{metric}"] = {"value_ms": value, "limit_ms": limit, "met": met}
-    rej_frac = len(rej) / n if n else 0.0
+    rej_frac = n_rej / n if n else 0.0
     checks["rejected_fraction"] = {"value": rej_frac, "limit": slo.max_rejected_fraction,
                                    "met": bool(rej_frac <= slo.max_rejected_fraction)}
-    s["slo_met"] = bool(len(done) > 0 and all(c["met"] for c in checks.values()))
+    s["slo_met"] = bool(n_done > 0 and all(c["met"] for c in checks.values()))
     s["slo"] = {**asdict(slo), "checks": checks}
 
     # utilisation, energy and cost over enabled clients, for the run's duration
