@@ -472,7 +472,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # v = bs - (y mod bs) in 1..bs, [.] <=> v <= j mod bs: a histogram of v (capped at W, since
     # j mod bs < W) and its prefix sums give the count for every j in O(S + W)
     y = prompt + gen - 1
-    y_div, y_mod = _fdivmod(jnp.maximum(y, 0), bs)
+    y_div, y_mod = _fdivmod(y, bs)
     v = jnp.where(dec1, jnp.minimum(bs - y_mod, W), W + 1)
     below = jnp.cumsum(jnp.zeros(W + 2, I32).at[v].add(1))  # below[m] = #{v <= m}
     base_blocks, n_dec1, n_pf_left = _slot_sums(jnp.where(dec1, y_div + 1, 0), dec1, prefill & active)

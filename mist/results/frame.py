@@ -112,8 +112,7 @@ def request_columns(lowered, state, names: bool = True) -> dict[str, np.ndarray]
     }
     cnames = list(lowered.client_names)
     for k in range(K):
-        if names:
-            cols[f"stage{k}_client"] = _names_of(sclient[:, k], cnames, lambda c: "")
+        cols[f"stage{k}_client"] = _names_of(sclient[:, k], cnames, lambda c: "") if names else None
         cols[f"stage{k}_start"] = start[:, k]
         cols[f"stage{k}_end"] = end[:, k]
     return {k: v for k, v in cols.items() if v is not None}
