@@ -504,6 +504,9 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
         t_before = jnp.where(can, INF, t_before)
         cont = cont | can
         j_stop = jnp.where(can, W, j_stop)
+        # queue entries that become ready inside the stretch are candidates too (in queue order: one
+        # that is not admitted cuts the stretch, and FIFO admission keeps the later ones behind it)
+        pending = jnp.where(can, INF, pending)
     else:
         pf_at = no_pf
     n_dec_j = agg[0]
