@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -99,6 +100,22 @@ def test_sweep_equals_single_simulations(swept):
         for m in METRICS:
             assert np.isclose(row[m], s[m], rtol=1e-9, atol=1e-9, equal_nan=True), (plan.index, m, row[m], s[m])
         assert bool(row["slo_met"]) == s["slo_met"]
+
+
+def test_padded_topology_keeps_every_field():
+    """Padding a deployment's topology to a sweep's capacities keeps which clients feed which and
+    the layer-by-layer KV transfer of its decode stages, and pads them inertly."""
+    from mist.lowering.deployment import Deployment, PipelineSpec, StageSpec, lower
+    from mist.sweep.lowering import _host, pad_topology
+
+    dep = replace(Deployment.disaggregated("llama-3.1-8b", "h100"), pipelines=[PipelineSpec("chat", [
+        StageSpec("prefill", emits=True), StageSpec("decode", kv_transfer=True, kv_layerwise=True)])])
+    reqs = {"arrival": np.zeros(2), "input_tokens": np.full(2, 64), "output_tokens": np.full(2, 8)}
+    t = _host(lower(dep, reqs).topology)
+    p = pad_topology(t, 4, 3, 2, 3)
+    np.testing.assert_array_equal(p.feeds, [[False, True, False, False]] + [[False] * 4] * 3)
+    assert p.stage_kv_layers.shape == (2, 3) and p.stage_kv_layers[0, 1] == 32  # Llama-3.1-8B's layers
+    np.testing.assert_array_equal(np.delete(p.stage_kv_layers.ravel(), 1), 1.0)
 
 
 def test_infeasible_config_is_reported_and_others_unaffected(swept):

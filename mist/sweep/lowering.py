@@ -92,13 +92,20 @@ def pad_clients(cl: ClientTable, C: int) -> ClientTable:
 
 
 def pad_topology(t: Topology, C: int, P: int, NP: int, K: int) -> Topology:
+    """`t` padded to C clients, P pools, NP pipelines and K stages (padding: no members, no stages,
+    whole-KV transfers, clients that feed nobody). Every field is kept: a dropped `feeds` would bound
+    every client's decode stretches by every other client's events (the same results in many more
+    steps), a dropped `stage_kv_layers` would expose a layer-by-layer KV transfer whole."""
+    feeds = np.ones((C, C), bool) if t.feeds is None else _pad2(t.feeds, C, C, False)
+    layers = np.ones((NP, K)) if t.stage_kv_layers is None else _pad2(t.stage_kv_layers, NP, K, 1.0)
     return Topology(link_latency=_pad2(t.link_latency, C, C, 0.0), link_bandwidth=_pad2(t.link_bandwidth, C, C, 1e18),
                     pool_members=_pad2(t.pool_members, P, C, False),
                     router=np.concatenate([t.router, np.zeros(P - t.router.shape[0], t.router.dtype)]),
                     pipeline_pools=_pad2(t.pipeline_pools, NP, K, -1),
                     stage_extra_prompt=_pad2(t.stage_extra_prompt, NP, K, 0),
                     stage_emits=_pad2(t.stage_emits, NP, K, False),
-                    stage_kv_transfer=_pad2(t.stage_kv_transfer, NP, K, False))
+                    stage_kv_transfer=_pad2(t.stage_kv_transfer, NP, K, False),
+                    stage_kv_layers=layers.astype(np.float64), feeds=feeds)
 
 
 def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch: int = 64,
