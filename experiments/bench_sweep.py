@@ -27,16 +27,18 @@ from pathlib import Path
 import mist  # noqa: F401
 import mist.sweep
 from mist.sweep import prepare, run_prepared
+from mist.sweep.lowering import SWEEP_ABSORB
 
 
-def spec(n_configs: int, n_requests: int, stretch: int, slots: int, chunk: int | None) -> dict:
+def spec(n_configs: int, n_requests: int, stretch: int, slots: int, chunk: int | None,
+         absorb: int | None = None) -> dict:
     axes = {"hardware": ["H100-SXM", "H200-SXM", "A100-SXM-80GB", "B200"], "tp": [1, 2], "max_num_seqs": [64, 128],
             "max_num_batched_tokens": [4096, 8192], "rate": {"min": 2.0, "max": 20.0, "log": True}}
     return {"name": f"bench-{n_configs}x{n_requests}",
             "base": {"workload": {"trace": "azure_conv_2023", "first": n_requests},
                      "clients": [{"name": "llm", "pool": "llm", "model": "llama-3.1-8b", "hardware": "H100-SXM",
                                   "policy": "chunked", "max_num_seqs": 128}],
-                     "engine": {"stretch": stretch}},
+                     "engine": {"stretch": stretch, **({} if absorb is None else {"absorb": absorb})}},
             "axes": axes, "sample": {"kind": "lhs", "n": n_configs, "seed": 0},
             "run": {"slots": slots, "progress": False, **({"configs_per_chunk": chunk} if chunk else {})}}
 
@@ -47,6 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--stretch", type=int, default=64)
     ap.add_argument("--slots", type=int, default=128)
+    ap.add_argument("--absorb", type=int, default=None,
+                    help="arrivals admitted inside a decode stretch (engine.absorb; default: the sweep's, "
+                         "mist.sweep.lowering.SWEEP_ABSORB)")
     ap.add_argument("--configs-per-chunk", type=int, default=None, help="default: what fits the memory budget")
     ap.add_argument("--budget-s", type=float, default=900.0, help="skip runs estimated to simulate longer")
     ap.add_argument("--json", action="store_true")
@@ -64,7 +69,7 @@ def main(argv=None) -> int:
                     rows.append({"configs": nc, "requests": nr, "skipped": True, "estimated_run_s": est})
                     continue
             t0 = time.perf_counter()
-            prep = prepare(spec(nc, nr, args.stretch, args.slots, args.configs_per_chunk))
+            prep = prepare(spec(nc, nr, args.stretch, args.slots, args.configs_per_chunk, args.absorb))
             t1 = time.perf_counter()
             df = run_prepared(prep, progress=False)
             total = time.perf_counter() - t1
@@ -99,7 +104,8 @@ def main(argv=None) -> int:
                            f"configs: {overhead[1]:.2f})", "goal_s": 120}
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} (shared with other jobs)",
            "jax_backend": mist._jax.default_backend(), "devices": len(mist._jax.devices()),
-           "deployment": f"Llama-3.1-8B, 1 replica, chunked; slots {args.slots}, stretch {args.stretch}",
+           "deployment": f"Llama-3.1-8B, 1 replica, chunked; slots {args.slots}, stretch {args.stretch}"
+                         + f", absorb {SWEEP_ABSORB if args.absorb is None else args.absorb}",
            "results": rows, "target_1000x10k": target, "measured_10k": big}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

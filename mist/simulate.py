@@ -60,7 +60,7 @@ def simulate(config: str | Path | SimConfig | None = None, *, deployment: Deploy
         n_seeds = seeds or eng.seeds
         base_seed = eng.seed if seed is None else seed
         stretch = stretch or eng.stretch
-        kw = dict(slots=eng.slots, window=eng.window, queue=eng.queue)
+        kw = dict(slots=eng.slots, window=eng.window, queue=eng.queue, absorb=eng.absorb)
     else:
         if requests is None and not workloads:
             raise ValueError("simulate(deployment=...) needs requests=")

@@ -684,9 +684,11 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
     # whole row per lane under vmap, ~6 x 8k float64 a step)
     tok_tab, smp_tab = tabs[1], tabs[2]
 
-    def admit_one(r, carry):
+    def place(r, carry):
+        """Where candidate r would be admitted (jr), whether it is (ok_r), and the stretch's end
+        should it not be."""
         agg, dts, starts, attn, pf_cost, pf_at, blk_abs, comp, alive, j_prev, need_prev, j_cut, j_out, ok_out = carry
-        n, c_low, keys_mid, c_high, keys_high, longest = agg
+        n = agg[0]
         # where the per-iteration engine would first consider admitting it (slot free, budget left)
         same = (js == j_prev) & (j_prev > 0)
         n_i = n.astype(I32) + same
@@ -710,6 +712,12 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
         after = _prefix_count(~(comp & (js >= jr)))[1]  # the first completion at or after jr
         jr2 = _prefix_count(~(maybe & (js > after)))[1]
         j_cut = jnp.where(alive & ~ok_r, jnp.where(known[r] & ~kv_ok & (jr < W), jr2, jr), j_cut)
+        return jr, jc, nr, T_tok, ok_r, j_cut
+
+    def admit_one(r, carry):
+        agg, dts, starts, attn, pf_cost, pf_at, blk_abs, comp, alive, j_prev, need_prev, j_cut, j_out, ok_out = carry
+        n, c_low, keys_mid, c_high, keys_high, longest = agg
+        jr, jc, nr, T_tok, ok_r, j_cut = place(r, carry)
         # the mixed iteration: iteration_time's parts in its order of sums
         ti = jnp.clip(T_tok, 0, TT)
         ns = jnp.clip(nr + 1, 0, smp_tab["lm_head"].shape[-1] - 1)
@@ -738,11 +746,14 @@ def _absorb(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload, st:
     old_y1, old_end = rows_old
     comp = jnp.zeros(W, bool).at[jnp.where(old_end >= 1, old_end, W).astype(I32)].set(True, mode="drop")
     carry = (agg, dts, starts, attn, jnp.zeros(W, F64), jnp.zeros(W, bool), jnp.zeros(W, I32), comp, can,
-             jnp.int32(0), jnp.int32(0), jnp.int32(W), jnp.zeros(R + 1, I32), jnp.zeros(R + 1, bool))
-    carry = jax.lax.fori_loop(0, R + 1, lambda r, cr: jax.lax.cond(cr[8], admit_one, lambda r_, c_: c_, r, cr), carry)
+             jnp.int32(0), jnp.int32(0), jnp.int32(W), jnp.zeros(R, I32), jnp.zeros(R, bool))
+    carry = jax.lax.fori_loop(0, R, lambda r, cr: jax.lax.cond(cr[8], admit_one, lambda r_, c_: c_, r, cr), carry)
     agg, dts, starts, attn, pf_cost, pf_at, blk_abs, comp, alive, j_prev, need_prev, j_cut, j_out, ok_out = carry
+    # candidate R is never admitted here (it only bounds the stretch): its place alone, without the
+    # costing passes of the others (under vmap a cond runs both branches)
+    j_cut = place(R, carry)[5]
     return {"agg": agg, "dts": dts, "starts": starts, "blocks": blocks + blk_abs, "pf_at": pf_at, "can": can,
-            "j_cut": j_cut, "j": j_out[:R], "absorbed": ok_out[:R], "rid": rid[:R], "prompt": prompt[:R],
+            "j_cut": j_cut, "j": j_out, "absorbed": ok_out, "rid": rid[:R], "prompt": prompt[:R],
             "pf_target": pf_t[:R], "target": target[:R], "gen0": g0[:R], "from_queue": from_q[:R],
             "emits": emits[:R]}
 

@@ -31,6 +31,9 @@ class EngineOptions:
     slots: int | None = None
     window: int | None = None
     queue: int | None = None
+    # arrivals admitted inside one decode stretch (EngineDims.absorb); None: the default (8 for a
+    # lone chunked-prefill client in `simulate`, mist.sweep.lowering.SWEEP_ABSORB in sweeps)
+    absorb: int | None = None
 
 
 @dataclass
@@ -184,8 +187,9 @@ def parse_config(data: dict, where: str = "<config>", base_dir: Path | None = No
                         seed=ef.number("seed", 0, integer=True), seeds=ef.number("seeds", 1, integer=True, positive=True),
                         slots=ef.number("slots", None, integer=True, positive=True),
                         window=ef.number("window", None, integer=True, positive=True),
-                        queue=ef.number("queue", None, integer=True, positive=True))
-    ef.check_unknown({"stretch", "seed", "seeds", "slots", "window", "queue"})
+                        queue=ef.number("queue", None, integer=True, positive=True),
+                        absorb=ef.number("absorb", None, integer=True))
+    ef.check_unknown({"stretch", "seed", "seeds", "slots", "window", "queue", "absorb"})
     slo = dict(f.raw("slo", {}) or {})
     f.check_unknown({"name", "clients", "pipelines", "routers", "links", "engine", "slo", "workload", "description"})
     dep = Deployment(clients=clients, pipelines=pipes, routers=routers, links=links, name=name)

@@ -108,12 +108,23 @@ def pad_topology(t: Topology, C: int, P: int, NP: int, K: int) -> Topology:
                     stage_kv_layers=layers.astype(np.float64), feeds=feeds)
 
 
+# Arrivals admitted inside a decode stretch (EngineDims.absorb) in vmapped sweeps, unless the sweep
+# file's `engine.absorb` says otherwise; results are the same with any value (up to the order of
+# floating-point sums). Under vmap each admission pass runs for every lane, so a lane-step costs
+# more (~1.4x with 2) while the steps per config halve: 256 configs x 1k requests on the 2-core CPU
+# ran 1.4x faster with 2 than with 0, and 1, 4 and 8 were slower than 2 (experiments/README.md,
+# "Sweep speed", 2026-12-03 night).
+SWEEP_ABSORB = 2
+
+
 def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch: int = 64,
-                min_dims: dict | None = None, window: int | None = None, queue: int | None = None) -> LoweredSweep:
+                min_dims: dict | None = None, window: int | None = None, queue: int | None = None,
+                absorb: int | None = None) -> LoweredSweep:
     """Lower feasible plans (infeasible ones get their `reason` set) to common padded dims.
 
     `workloads` maps a label to a dict of request arrays; `min_dims` holds minimum capacities
     (clients, slots, stages, pools, pipelines, requests) so that separate sweeps can share dims.
+    `absorb`: arrivals admitted inside a decode stretch (`EngineDims.absorb`; None: `SWEEP_ABSORB`).
     """
     md = {k: int(v or 0) for k, v in (min_dims or {}).items()}
     dep_cache: dict[str, int] = {}  # deployment -> index into dep_lowered
@@ -159,13 +170,9 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     C, K, P, NP = dm("num_clients", "clients"), dm("stages", "stages"), dm("pools", "pools"), dm("pipelines", "pipelines")
     S = max([int(np.max(np.asarray(lo.clients.max_num_seqs))) for lo in los] + [md.get("slots", 0), 1])
     N = max([len(w["arrival"]) for w in wl_arrays] + [md.get("requests", 0), 1])
-    # no admissions inside stretches (EngineDims.absorb) in vmapped sweeps: under vmap every admission
-    # pass runs for every lane, which roughly doubles a lane-step, more than the steps it saves
-    # (experiments/README.md, "Sweep speed": 256 configs x 1k requests, 1 or 2 candidates per step:
-    # mean steps 1,175 -> 755 / 654, run 25.6-28.1 s -> 32.8-35.7 / 29.9-30.8 s)
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=int(min(window or min(S, 64), S)),
                       queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP,
-                      absorb=0)
+                      absorb=SWEEP_ABSORB if absorb is None else int(absorb))
     clients = uniform_swap([pad_clients(_host(lo.clients), C) for lo in los])
     topos = [pad_topology(_host(lo.topology), C, P, NP, K) for lo in los]
     wls = [_host(lower_workload(w, N)) for w in wl_arrays]

@@ -118,9 +118,21 @@ def _programs(dims: EngineDims, length: int, sharding):
         kw = {} if sharding is None else dict(in_shardings=sharding, out_shardings=sharding)
         run = jax.jit(partial(run_chunk_batched, dims, length), **kw)
         init = jax.jit(jax.vmap(lambda k: init_state(dims, k)), **kw)
-        tabs = jax.jit(partial(tables.__wrapped__, dims, True), **kw)
-        _COMPILED[key] = {"run": run, "init": init, "tables": tabs, "compiled": {}}
+        _COMPILED[key] = {"run": run, "init": init, "compiled": {}}
     return _COMPILED[key]
+
+
+def _cost_tables(ls: LoweredSweep, rows: list[int], cache: dict):
+    """Stacked (numpy) cost tables (`engine.step.cost_tables`) of feasible configs `rows`. They
+    depend on the deployment alone, so each is computed once per deployment (`cache`) and a refilled
+    lane gets its config's tables with its other inputs: with admissions inside stretches
+    (`dims.absorb`) a lane's tables span thousands of token counts, and recomputing every lane's at
+    each refill cost more than the simulation."""
+    for r in rows:
+        d = ls.dep_id[r]
+        if d not in cache:
+            cache[d] = jax.tree.map(np.asarray, tables(ls.dims, False, ls.clients[d]))
+    return jax.tree.map(lambda *xs: np.stack(xs), *[cache[ls.dep_id[r]] for r in rows])
 
 
 def config_keys(seed: int, plan_indices) -> np.ndarray:
@@ -216,10 +228,12 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
     lane = [pending.pop() if pending else -1 for _ in range(B)]  # feasible position per lane, -1: none
     fill = [r if r >= 0 else rows[0] for r in lane]  # idle lanes hold a copy of a config, 0 valid requests
     cl, topo, wl = ls.stack(fill)
+    tab_cache: dict = {}
+    tabs = _cost_tables(ls, fill, tab_cache)
     key_of = dict(zip(rows, config_keys(seed, [ls.feasible[r] for r in rows])))
     keys = np.stack([key_of[r] for r in fill])
     n_valid = np.where(np.asarray(lane) >= 0, wl.valid.sum(axis=1), 0).astype(np.int32)
-    cl, topo, wl, n_valid_d, keys_d = place((cl, topo, wl, n_valid, keys), sharding)
+    cl, topo, wl, tabs, n_valid_d, keys_d = place((cl, topo, wl, tabs, n_valid, keys), sharding)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -227,7 +241,6 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
         bar = tqdm(total=len(rows), unit="config", desc=f"sweep ({B} lanes)", leave=False)
     t0 = time.perf_counter()
     st = prog["init"](keys_d)
-    tabs = prog["tables"](cl)  # cost tables, recomputed when lanes are refilled
     if B not in prog["compiled"]:
         prog["compiled"][B] = prog["run"].lower(cl, topo, wl, n_valid_d, st, tabs).compile(
             compiler_options=compiler_options())
@@ -289,13 +302,13 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
                 kn = np.stack([key_of[r] for r in rs])
                 fresh = jax.tree.map(lambda x: np.broadcast_to(x, (len(rs),) + x.shape), template)
                 fresh = dataclasses.replace(fresh, key=kn)
-                new_tabs = ls.stack(rs)
+                new_inputs = (*ls.stack(rs), _cost_tables(ls, rs, tab_cache))
                 n_valid = n_valid.copy()
-                n_valid[new] = new_tabs[2].valid.sum(axis=1)
+                n_valid[new] = new_inputs[2].valid.sum(axis=1)
                 P = _pad_lanes(len(new), B)
                 idx = np.full(P, B, np.int32)
                 idx[: len(new)] = new
-                new_lanes = (fresh, *new_tabs)
+                new_lanes = (fresh, *new_inputs)
                 if P > len(new):
                     new_lanes = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], P - len(new), axis=0)]),
                                              new_lanes)
@@ -303,13 +316,12 @@ def run_chunks(ls: LoweredSweep, *, seed: int = 0, configs_per_chunk: int | None
                 # cross to the devices (re-placing every lane's tables cost ~100 MB a call at 10k requests)
                 setter = _lane_setter(sharding)
                 t_set = time.perf_counter()
-                st, cl, topo, wl = setter((st, cl, topo, wl), idx, new_lanes)
+                st, cl, topo, wl, tabs = setter((st, cl, topo, wl, tabs), idx, new_lanes)
                 if P not in seen_p:  # the first write of P lanes compiled the setter: compile time
                     seen_p.add(P)
                     jax.block_until_ready(st)
                     info.compile_s += time.perf_counter() - t_set
                     t0 += time.perf_counter() - t_set
-                tabs = prog["tables"](cl)
                 prev[new] = -1
             n_valid_d = place(n_valid, sharding)
         more = any(r >= 0 for r in lane)

@@ -71,7 +71,7 @@ def prepare(path_or_spec, *, indices=None) -> PreparedSweep:
     t0 = time.perf_counter()
     r = spec.run
     ls = lower_sweep(plans, workloads, stretch=spec.base.engine.stretch, window=spec.base.engine.window,
-                     queue=spec.base.engine.queue,
+                     queue=spec.base.engine.queue, absorb=spec.base.engine.absorb,
                      min_dims=dict(clients=r.clients, slots=max(r.slots, spec.base.engine.slots or 0), stages=r.stages,
                                    pools=r.pools, pipelines=r.pipelines, requests=r.requests))
     return PreparedSweep(spec, plans, ls, workloads, lower_s=time.perf_counter() - t0)
