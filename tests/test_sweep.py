@@ -249,6 +249,10 @@ def test_spec_errors_name_file_and_field(tmp_path):
                  "axes: {hardware: [h1000]}\n")
     with pytest.raises(SpecError, match="axes.hardware"):
         mist.sweep.load_sweep(p)
+    p.write_text("base: {workload: {trace: azure_conv_2023, first: 5}, clients: [{name: a, model: llama-3.1-8b}],"
+                 " engine: {absorb: -1}}\naxes: {hardware: [h100]}\n")
+    with pytest.raises(SpecError, match="engine.absorb.*>= 0"):
+        mist.sweep.load_sweep(p)
 
 
 def test_cross_vendor_quick_runs(tmp_path, swept):
