@@ -110,6 +110,20 @@ def test_sweep_equals_single_simulations(swept):
     assert sum(fewer) >= 2, fewer  # configs 0 and 1 (one replica, chunked prefill)
 
 
+def test_admissions_inside_stretches_only_where_a_config_uses_them():
+    """Sweeps admit arrivals inside decode stretches (`SWEEP_ABSORB`) when some config is a lone
+    chunked client; sweeps of replicas and disaggregated units only would pay the passes for
+    nothing; a sweep file's `engine.absorb` decides over both."""
+    from mist.sweep import prepare
+    from mist.sweep.lowering import SWEEP_ABSORB
+
+    assert SWEEP_ABSORB > 0 and prepare(spec()).lowered.dims.absorb == SWEEP_ABSORB
+    assert prepare(spec([POINTS[3], POINTS[4]])).lowered.dims.absorb == 0
+    s = spec([POINTS[3]])
+    s["base"] = {**BASE, "engine": {"absorb": 3}}
+    assert prepare(s).lowered.dims.absorb == 3
+
+
 def test_padded_topology_keeps_every_field():
     """Padding a deployment's topology to a sweep's capacities keeps which clients feed which and
     the layer-by-layer KV transfer of its decode stages, and pads them inertly."""

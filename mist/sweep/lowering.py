@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ..engine.state import init_state
-from ..engine.tables import ClientTable, EngineDims, Topology, Workload, default_queue, uniform_swap
+from ..engine.tables import ClientTable, EngineDims, Policy, Topology, Workload, default_queue, uniform_swap
 from ..lowering.deployment import lower, lower_workload
 from ..specs.errors import SpecError
 from .configs import ConfigPlan, rescale_arrivals
@@ -108,13 +108,19 @@ def pad_topology(t: Topology, C: int, P: int, NP: int, K: int) -> Topology:
                     stage_kv_layers=layers.astype(np.float64), feeds=feeds)
 
 
-# Arrivals admitted inside a decode stretch (EngineDims.absorb) in vmapped sweeps, unless the sweep
-# file's `engine.absorb` says otherwise; results are the same with any value (up to the order of
+# Arrivals admitted inside a decode stretch (EngineDims.absorb) in vmapped sweeps where some config
+# is a lone chunked-prefill client (the only one that uses them), unless the sweep file's
+# `engine.absorb` says otherwise; results are the same with any value (up to the order of
 # floating-point sums). Under vmap each admission pass runs for every lane, so a lane-step costs
-# more (~1.4x with 2) while the steps per config halve: 256 configs x 1k requests on the 2-core CPU
-# ran 1.4x faster with 2 than with 0, and 1, 4 and 8 were slower than 2 (experiments/README.md,
-# "Sweep speed", 2026-12-03 night).
+# ~1.5x more while the steps per config halve: on the 2-core CPU, 256 configs x 1k requests ran
+# 1.3-1.4x faster with 2 than with 0 (1, 4 and 8 slower than 2), and 1000 x 10k 1.2x
+# (experiments/README.md, "Sweep speed", 2026-12-03 night).
 SWEEP_ABSORB = 2
+
+
+def _admits_inside_stretches(lo) -> bool:
+    """Whether a lowered deployment is one chunked-prefill client (see engine.step._absorb)."""
+    return lo.dims.num_clients == 1 and int(np.asarray(lo.clients.policy)[0]) == Policy.CHUNKED
 
 
 def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch: int = 64,
@@ -124,7 +130,8 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
 
     `workloads` maps a label to a dict of request arrays; `min_dims` holds minimum capacities
     (clients, slots, stages, pools, pipelines, requests) so that separate sweeps can share dims.
-    `absorb`: arrivals admitted inside a decode stretch (`EngineDims.absorb`; None: `SWEEP_ABSORB`).
+    `absorb`: arrivals admitted inside a decode stretch (`EngineDims.absorb`; None: `SWEEP_ABSORB`
+    when some config can use them, else 0).
     """
     md = {k: int(v or 0) for k, v in (min_dims or {}).items()}
     dep_cache: dict[str, int] = {}  # deployment -> index into dep_lowered
@@ -172,7 +179,8 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     N = max([len(w["arrival"]) for w in wl_arrays] + [md.get("requests", 0), 1])
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=int(min(window or min(S, 64), S)),
                       queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP,
-                      absorb=SWEEP_ABSORB if absorb is None else int(absorb))
+                      absorb=int(absorb) if absorb is not None else
+                      SWEEP_ABSORB if any(_admits_inside_stretches(lo) for lo in los) else 0)
     clients = uniform_swap([pad_clients(_host(lo.clients), C) for lo in los])
     topos = [pad_topology(_host(lo.topology), C, P, NP, K) for lo in los]
     wls = [_host(lower_workload(w, N)) for w in wl_arrays]
