@@ -110,10 +110,10 @@ def test_sweep_equals_single_simulations(swept):
     assert sum(fewer) >= 2, fewer  # configs 0 and 1 (one replica, chunked prefill)
 
 
-def test_admissions_inside_stretches_only_where_a_config_uses_them():
-    """Sweeps admit arrivals inside decode stretches (`SWEEP_ABSORB`) when some config is a lone
-    chunked client; sweeps of replicas and disaggregated units only would pay the passes for
-    nothing; a sweep file's `engine.absorb` decides over both."""
+def test_admissions_inside_stretches_only_where_most_configs_use_them():
+    """Sweeps admit arrivals inside decode stretches (`SWEEP_ABSORB`) when at least half the configs
+    are a lone chunked client (two of the four here); sweeps of mostly replicas and disaggregated
+    units would pay the passes for little; a sweep file's `engine.absorb` decides over both."""
     from mist.sweep import prepare
     from mist.sweep.lowering import SWEEP_ABSORB
 

@@ -108,13 +108,14 @@ def pad_topology(t: Topology, C: int, P: int, NP: int, K: int) -> Topology:
                     stage_kv_layers=layers.astype(np.float64), feeds=feeds)
 
 
-# Arrivals admitted inside a decode stretch (EngineDims.absorb) in vmapped sweeps where some config
-# is a lone chunked-prefill client (the only one that uses them), unless the sweep file's
-# `engine.absorb` says otherwise; results are the same with any value (up to the order of
+# Arrivals admitted inside a decode stretch (EngineDims.absorb) in vmapped sweeps where at least half
+# the configs are a lone chunked-prefill client (the only kind that uses them), unless the sweep
+# file's `engine.absorb` says otherwise; results are the same with any value (up to the order of
 # floating-point sums). Under vmap each admission pass runs for every lane, so a lane-step costs
-# ~1.5x more while the steps per config halve: on the 2-core CPU, 256 configs x 1k requests ran
-# 1.3-1.4x faster with 2 than with 0 (1, 4 and 8 slower than 2), and 1000 x 10k 1.2x
-# (experiments/README.md, "Sweep speed", 2026-12-03 night).
+# ~1.5x more while those configs' steps halve: on the 2-core CPU, 256 such configs x 1k requests ran
+# 1.3-1.4x faster with 2 than with 0 (1, 4 and 8 slower than 2), and 1000 x 10k 1.2x; a sweep of
+# mostly replicas and PD units (pd_ratio_sweep.yaml) ran 1.4x slower with 2 (experiments/README.md,
+# "Sweep speed", 2026-12-03 night).
 SWEEP_ABSORB = 2
 
 
@@ -131,7 +132,7 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     `workloads` maps a label to a dict of request arrays; `min_dims` holds minimum capacities
     (clients, slots, stages, pools, pipelines, requests) so that separate sweeps can share dims.
     `absorb`: arrivals admitted inside a decode stretch (`EngineDims.absorb`; None: `SWEEP_ABSORB`
-    when some config can use them, else 0).
+    when at least half the feasible configs can use them, else 0).
     """
     md = {k: int(v or 0) for k, v in (min_dims or {}).items()}
     dep_cache: dict[str, int] = {}  # deployment -> index into dep_lowered
@@ -177,10 +178,11 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     C, K, P, NP = dm("num_clients", "clients"), dm("stages", "stages"), dm("pools", "pools"), dm("pipelines", "pipelines")
     S = max([int(np.max(np.asarray(lo.clients.max_num_seqs))) for lo in los] + [md.get("slots", 0), 1])
     N = max([len(w["arrival"]) for w in wl_arrays] + [md.get("requests", 0), 1])
+    lone = sum(_admits_inside_stretches(los[d]) for d in dep_id)
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=int(min(window or min(S, 64), S)),
                       queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP,
                       absorb=int(absorb) if absorb is not None else
-                      SWEEP_ABSORB if any(_admits_inside_stretches(lo) for lo in los) else 0)
+                      SWEEP_ABSORB if 2 * lone >= len(dep_id) else 0)
     clients = uniform_swap([pad_clients(_host(lo.clients), C) for lo in los])
     topos = [pad_topology(_host(lo.topology), C, P, NP, K) for lo in los]
     wls = [_host(lower_workload(w, N)) for w in wl_arrays]
