@@ -24,6 +24,11 @@ from .configs import ConfigPlan, rescale_arrivals
 _TINY = {"arrival": np.zeros(1), "input_tokens": np.ones(1, np.int64), "output_tokens": np.ones(1, np.int64)}
 
 
+def stack_trees(trees: list):
+    """PyTrees of the same structure stacked leaf by leaf along a new leading (lane) axis (numpy)."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
 @dataclass
 class LoweredSweep:
     """Feasible configs as references into deduplicated, padded host (numpy) tables.
@@ -46,9 +51,9 @@ class LoweredSweep:
 
     def stack(self, rows: list[int]) -> tuple[ClientTable, Topology, Workload]:
         """Stacked (numpy) tables of feasible configs `rows` (positions in `feasible`)."""
-        st = lambda trees: jax.tree.map(lambda *xs: np.stack(xs), *trees)  # noqa: E731
-        return (st([self.clients[self.dep_id[r]] for r in rows]), st([self.topologies[self.dep_id[r]] for r in rows]),
-                st([self.workloads[self.wl_id[r]] for r in rows]))
+        return (stack_trees([self.clients[self.dep_id[r]] for r in rows]),
+                stack_trees([self.topologies[self.dep_id[r]] for r in rows]),
+                stack_trees([self.workloads[self.wl_id[r]] for r in rows]))
 
     def with_rates(self, rates: dict[int, float]) -> "LoweredSweep":
         """A copy whose feasible config j (a position in `feasible`) runs its workload at rates[j] req/s."""
@@ -120,8 +125,9 @@ SWEEP_ABSORB = 2
 
 
 def _admits_inside_stretches(lo) -> bool:
-    """Whether a lowered deployment is one chunked-prefill client (see engine.step._absorb)."""
-    return lo.dims.num_clients == 1 and int(np.asarray(lo.clients.policy)[0]) == Policy.CHUNKED
+    """Whether a lowered deployment admits arrivals inside its stretches: `lower` compiled them in
+    (a lone client) and its policy is chunked prefill (see engine.step._absorb)."""
+    return lo.dims.absorb > 0 and int(np.asarray(lo.clients.policy)[0]) == Policy.CHUNKED
 
 
 def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch: int = 64,
@@ -178,7 +184,8 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     C, K, P, NP = dm("num_clients", "clients"), dm("stages", "stages"), dm("pools", "pools"), dm("pipelines", "pipelines")
     S = max([int(np.max(np.asarray(lo.clients.max_num_seqs))) for lo in los] + [md.get("slots", 0), 1])
     N = max([len(w["arrival"]) for w in wl_arrays] + [md.get("requests", 0), 1])
-    lone = sum(_admits_inside_stretches(los[d]) for d in dep_id)
+    lone_dep = [_admits_inside_stretches(lo) for lo in los]
+    lone = sum(lone_dep[d] for d in dep_id)  # feasible configs that admit inside their stretches
     dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=int(min(window or min(S, 64), S)),
                       queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP,
                       absorb=int(absorb) if absorb is not None else
@@ -207,4 +214,4 @@ def bytes_per_config(dims: EngineDims, ls: LoweredSweep | None = None) -> int:
     return int(3 * state_b + in_b + tab_b + 64 * 1024)
 
 
-__all__ = ["LoweredSweep", "lower_sweep", "pad_clients", "pad_topology", "bytes_per_config"]
+__all__ = ["LoweredSweep", "lower_sweep", "pad_clients", "pad_topology", "bytes_per_config", "stack_trees"]

@@ -24,7 +24,7 @@ import numpy as np
 from ..engine.run import compiler_options, default_chunk, run_chunk_batched, tables
 from ..engine.state import init_state
 from ..engine.tables import EngineDims
-from .lowering import LoweredSweep, bytes_per_config
+from .lowering import LoweredSweep, bytes_per_config, stack_trees
 from .sharding import config_sharding, num_shards, place
 
 
@@ -132,7 +132,7 @@ def _cost_tables(ls: LoweredSweep, rows: list[int], cache: dict):
         d = ls.dep_id[r]
         if d not in cache:
             cache[d] = jax.tree.map(np.asarray, tables(ls.dims, False, ls.clients[d]))
-    return jax.tree.map(lambda *xs: np.stack(xs), *[cache[ls.dep_id[r]] for r in rows])
+    return stack_trees([cache[ls.dep_id[r]] for r in rows])
 
 
 def config_keys(seed: int, plan_indices) -> np.ndarray:
