@@ -123,6 +123,10 @@ class ReferenceEngine:
         self.kvbpt, self.enabled = g(cl.kv_bytes_per_token), g(cl.enabled)
         sw = getattr(cl, "swap_bandwidth", None)
         self.swap_bw = np.zeros(self.C) if sw is None else g(sw)  # > 0: preempt by swapping to host memory
+        # chunked-prefill clients that prefill what they admit see no admission window: the engine
+        # splits a full window's admissions over steps at one time (without swapping, and when the
+        # window is smaller than the batch)
+        self.window_free = sw is None and dims.window < dims.slots
         sigma = g(cl.params.step_noise_sigma)
         assert np.all(sigma[self.enabled] == 0), "the reference does not model step noise"
         # the engine evaluates the cost model in float64 (see SEMANTICS.md)
@@ -264,7 +268,8 @@ class ReferenceEngine:
 
         # 1. the ready prefix of the window
         window = []
-        for e in queue[: self.A]:
+        unbounded = self.window_free and is_llm and pol == Policy.CHUNKED and self.role[c] != Role.DECODE_ONLY
+        for e in queue[: len(queue) if unbounded else self.A]:
             if e.ready > t:
                 break
             window.append(self.candidate(e, c))

@@ -336,6 +336,35 @@ def test_arrivals_admitted_inside_stretches(max_num_seqs, kv, rate, out_max, pro
         assert np.nanmean(outputs(st, n)["first_token"]) > np.nanmean(outputs(jax.device_get(st_base), n)["first_token"])
 
 
+def test_admission_window_never_caps_a_chunked_burst():
+    """A chunked-prefill client admits a burst larger than the admission window in one iteration,
+    as with a window as large as the batch: the engine admits a full window, then the entries behind
+    it in further steps at the same time (`step.splits_admissions`). Same timestamps and iterations,
+    more scan steps, and the reference engine's timestamps."""
+    dep = Deployment.single(MODEL, "h100", policy="chunked", max_num_seqs=8, max_num_batched_tokens=1024,
+                            chunk_size=512)
+    r = np.random.default_rng(7)
+    n = 30
+    arrival = np.repeat(np.arange(3) * 0.5, 10) + r.uniform(0, 1e-3, n)  # three bursts of ten
+    reqs = dict(arrival=np.sort(arrival), input_tokens=r.integers(20, 90, n), output_tokens=r.integers(1, 40, n),
+                cached_tokens=np.zeros(n, int), prefix_hash=r.integers(0, 5, (n, 1)), pipeline=np.zeros(n, int))
+    runs = {}
+    for window in (2, 8):
+        lo = lower(dep, reqs, **{**D16, "slots": 8, "window": window})
+        st, _ = simulate_arrays(lo.dims, lo.clients, lo.topology, lo.workload)
+        runs[window] = (lo, jax.device_get(st))
+    (lo, st), (_, st8) = runs[2], runs[8]
+    o = outputs(st, n)
+    assert_same_outputs(o, outputs(st8, n), tol=1e-12)
+    np.testing.assert_array_equal(np.asarray(st.iters), np.asarray(st8.iters))
+    assert int(st.steps) > int(st8.steps)
+    # the burst really was admitted more than a window at a time
+    assert np.unique(o["stage_start"][:, 0], return_counts=True)[1].max() > 2
+    ref = ReferenceEngine(lo).run()
+    assert_same_outputs(ref_outputs(ref), o)
+    assert_invariants(lo, st, ref)
+
+
 @settings(max_examples=60, deadline=None)
 @given(a=st_.lists(st_.integers(-2**31, 2**31 - 1), min_size=1, max_size=32), b=st_.integers(1, 2**30 - 1))
 def test_float_division_helpers_are_exact(a, b):

@@ -237,6 +237,22 @@ def arrival_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload
 
 
 # ------------------------------------------------------------------------------------ client steps
+def admit_only_policy(pol, role, is_llm):
+    """Clients whose admissions can be split over several steps at one time without changing what
+    is admitted: chunked-prefill LLM clients that prefill what they admit. Admission of the window's
+    entries is then exactly the first part of the admission of a longer window: the token budget,
+    KV blocks and slots the admitted rows take are what the next part sees them take (a decode-only
+    client's arrivals would count a block of growth more there; exclusive policies prefill only
+    what one step admitted)."""
+    return is_llm & (pol == Policy.CHUNKED) & (role != Role.DECODE_ONLY)
+
+
+def splits_admissions(dims: EngineDims, cl: ClientTable) -> bool:
+    """Whether the compiled step splits a full window's admissions over steps (statically: not with
+    swapping, whose swap-in time iteration 0 carries)."""
+    return cl.swap_bandwidth is None and dims.window < dims.slots
+
+
 def _gather_client(tree, c):
     return jax.tree.map(lambda x: x[c], tree)
 
@@ -343,6 +359,14 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # an exclusive policy that admits runs a prefill-only iteration; otherwise it decodes
     prefill_iter = exclusive & (n_admit > 0)
     preempting = is_llm & jnp.where(exclusive, ~prefill_iter & (need_blocks > cap), preempt_chunked) & go
+    # the window is full and the entry behind it is ready too: admit only, and run iteration 0 in the
+    # next step (at the same time), which admits from the entries behind the window into the same
+    # iteration, so that a window smaller than a burst of admissions never caps it (see
+    # `admit_only_policy`; tables.DEFAULT_WINDOW_IN_PARTS)
+    run = go
+    if splits_admissions(dims, cl):
+        nxt_ready = (qlen > A) & (st.q_ready[c, (st.q_head[c] + A) % Q] <= t)
+        run = go & ~(admit_only_policy(pol, role, is_llm) & (n_admit >= A) & nxt_ready)
 
     # ---- preemption (recompute): the most recent admissions (the last running slots) until the grown
     # batch fits; slot i is a victim while the blocks of the slots after it do not cover the excess
@@ -385,7 +409,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
 
     # ---- iteration 0's work per slot
     decoding = active & ~prefill & (gen < target)
-    dec_now = decoding & ~prefill_iter & go
+    dec_now = decoding & ~prefill_iter & run
     rem = jnp.where(prefill & active, pf_target - done, 0)
     cap_rem = jnp.where(exclusive, rem, jnp.minimum(rem, cl.chunk_size[c]))
     # chunked: prefill chunks in admission (= slot) order under the budget left by the decodes
@@ -394,7 +418,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # exclusive policies prefill only what they just admitted (whole prompts); others keep going
     chunk = jnp.where(exclusive & ~new_slot, 0, chunk)
     chunk = jnp.where(is_llm, chunk, jnp.where(active, prompt, 0))
-    chunk = jnp.where(go, chunk, 0)
+    chunk = jnp.where(run, chunk, 0)
     n_chunk, n_items = _slot_sums(chunk, active & new_slot)
     decode_only = (n_chunk == 0) & is_llm & (n_admit == 0) & ~preempting
 
@@ -406,7 +430,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     gen = gen + makes_token.astype(I32)
     prefill = prefill & ~pf_done
     # rows that decode in the iterations after iteration 0: `end` of them, the last one ending the stage
-    dec1 = active & ~prefill & (gen < target) & is_llm & go
+    dec1 = active & ~prefill & (gen < target) & is_llm & run
     end = jnp.where(active & ~prefill, jnp.maximum(target - gen, 0), 0)
 
     # ---- iteration times: iteration 0 (any batch), then up to W - 1 iterations of the rows left
@@ -494,7 +518,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     if R > 0:
         # a lone chunked client admits waiting entries and arrivals inside the stretch (see _absorb):
         # they, not completions or arrivals, then bound it
-        can = go & lone & is_llm & ~preempting & (n_pf_left == 0) & (pol == Policy.CHUNKED)
+        can = run & lone & is_llm & ~preempting & (n_pf_left == 0) & (pol == Policy.CHUNKED)
         window = (w_rid_s, w_ready, w_prompt, w_target, w_done, w_pf_target, gen0, w_swapped, qrem, n_admit)
         ab = _absorb(dims, cl, topo, wl, st, c, n_valid, params, replica, tabs, agg, dts, starts, attn, blocks_j,
                      times, can=can, s_eff=s_eff, window=window,
@@ -514,7 +538,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
           & (starts < t_before) & (starts <= t_after) & (starts < pending))
     ok = ok.at[0].set(True)
     k = _prefix_count(ok)[1]
-    k = jnp.where(go, k, 0)
+    k = jnp.where(run, k, 0)
     ends = t + jnp.cumsum(jnp.where(js < k, dts, 0.0))  # end time of iteration j (< k)
     t_end = ends[jnp.maximum(k - 1, 0)]
 
@@ -535,7 +559,7 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     emits = topo.stage_emits[pipe, stage]
     ft_idx = jnp.where(makes_token & emits, rid, N)
     ft_time = jnp.full(S, ends[0], F64)
-    finished = ends_stage & (gen >= target) & go
+    finished = ends_stage & (gen >= target) & run
     # admissions of this step (iteration 0's, then those inside the stretch): stage starts
     adm_idx, adm_stage, adm_time = ar, w_stage, jnp.full(A, t, F64)
     n_abs = 0
@@ -587,8 +611,8 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
 
     st = eqx_replace(
         st,
-        t_free=st.t_free.at[c].set(jnp.where(go, t_end, st.t_free[c])), iters=st.iters.at[c].add(k),
-        busy=st.busy.at[c].add(jnp.where(go, t_end - t, 0.0)),
+        t_free=st.t_free.at[c].set(jnp.where(run, t_end, jnp.where(go, t, st.t_free[c]))), iters=st.iters.at[c].add(k),
+        busy=st.busy.at[c].add(jnp.where(run, t_end - t, 0.0)),
         outstanding=st.outstanding.at[c].add((abs_tokens - fin_tokens).astype(F64)),
         slots=st.slots.at[c].set(slots_c), s_last_tok=st.s_last_tok.at[c].set(last_c),
         q_item=q_item, q_ready=q_ready, q_head=q_head,
