@@ -97,7 +97,8 @@ def test_sweep_equals_single_simulations(swept):
 
         reqs = {**reqs, "arrival": rescale_arrivals(reqs["arrival"], plan.rate)}
         lo = lower(plan.deployment, reqs, slots=dims.slots, num_clients=dims.num_clients, stages=dims.stages,
-                   pools=dims.pools, pipelines=dims.pipelines, num_requests=dims.num_requests, absorb=0)
+                   pools=dims.pools, pipelines=dims.pipelines, num_requests=dims.num_requests, absorb=0,
+                   window=dims.window)
         assert lo.dims._replace(absorb=dims.absorb) == dims
         key = jax.numpy.asarray(config_keys(0, [plan.index])[0])
         st, _ = simulate_arrays(lo.dims, lo.clients, lo.topology, lo.workload, key=key)

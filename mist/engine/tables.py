@@ -81,6 +81,32 @@ def default_queue(num_requests: int) -> int:
     return int(min(max(num_requests, 16), DEFAULT_QUEUE_CAP))
 
 
+# Queue entries considered per admission (EngineDims.window), unless a config sets engine.window. A
+# step's work grows with it; an iteration admits at most this many, except on clients that admit in
+# parts (chunked prefill without swapping, see engine.step.splits_admissions), where a full window is
+# admitted and the entries behind it follow in further steps at the same time: no cap, only more
+# steps in bursts, so they get a smaller window (bench_sweep.py, 64 configs x 10k requests,
+# 2026-12-03: 15.1-15.3 s with 16 against 16.3 s with 64, the same results).
+DEFAULT_WINDOW = 64
+DEFAULT_WINDOW_IN_PARTS = 16
+
+
+def admits_in_parts(cl) -> bool:
+    """Whether every enabled client of a (host) client table admits in parts: LLM clients with
+    chunked prefill that are not decode-only, and no swapping anywhere."""
+    if cl.swap_bandwidth is not None:
+        return False
+    on = np.asarray(cl.enabled)
+    return bool(np.all((np.asarray(cl.kind)[on] == Kind.LLM) & (np.asarray(cl.policy)[on] == Policy.CHUNKED)
+                       & (np.asarray(cl.role)[on] != Role.DECODE_ONLY)))
+
+
+def default_window(slots: int, in_parts: bool, window: int | None = None) -> int:
+    """The admission window: `window` when given, else DEFAULT_WINDOW_IN_PARTS for clients that
+    admit in parts (`in_parts`) and DEFAULT_WINDOW otherwise; never more than the slots."""
+    return int(min(window or (DEFAULT_WINDOW_IN_PARTS if in_parts else DEFAULT_WINDOW), slots))
+
+
 class EngineDims(NamedTuple):
     """Static sizes: part of the compiled program's identity."""
 

@@ -14,8 +14,8 @@ from ..cost.replica import lower_replica
 from ..specs.catalog import get_hardware, get_model
 from ..specs.errors import SpecError
 from ..specs.model import Precision
-from ..engine.tables import (ClientTable, EngineDims, Kind, Policy, Role, Router, Topology, Workload, default_queue,
-                             uniform_swap)
+from ..engine.tables import (ClientTable, EngineDims, Kind, Policy, Role, Router, Topology, Workload, admits_in_parts,
+                             default_queue, default_window, uniform_swap)
 
 POLICIES = {"static": Policy.STATIC, "continuous": Policy.CONTINUOUS, "chunked": Policy.CHUNKED,
             "decode-priority": Policy.DECODE_PRIORITY, "decode_priority": Policy.DECODE_PRIORITY}
@@ -380,7 +380,7 @@ def lower(dep: Deployment, requests, *, slots: int | None = None, window: int | 
                     stage_emits=jnp.asarray(emits), stage_kv_transfer=jnp.asarray(xfer),
                     stage_kv_layers=jnp.asarray(kv_layers), feeds=jnp.asarray(feeds))
     N = int(wl.arrival.shape[0])
-    A = int(min(window or min(S, 64), S))
+    A = default_window(S, admits_in_parts(clients), window)
     Q = int(queue or default_queue(N))
     # admissions inside stretches serve a lone client only: compiled in only then (or when asked)
     if absorb is None and (len(dep.clients) > 1 or stretch <= 1):

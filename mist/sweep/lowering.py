@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from ..engine.state import init_state
-from ..engine.tables import ClientTable, EngineDims, Policy, Topology, Workload, default_queue, uniform_swap
+from ..engine.tables import (ClientTable, EngineDims, Policy, Topology, Workload, admits_in_parts, default_queue,
+                             default_window, uniform_swap)
 from ..lowering.deployment import lower, lower_workload
 from ..specs.errors import SpecError
 from .configs import ConfigPlan, rescale_arrivals
@@ -186,7 +187,8 @@ def lower_sweep(plans: list[ConfigPlan], workloads: dict[str, dict], *, stretch:
     N = max([len(w["arrival"]) for w in wl_arrays] + [md.get("requests", 0), 1])
     lone_dep = [_admits_inside_stretches(lo) for lo in los]
     lone = sum(lone_dep[d] for d in dep_id)  # feasible configs that admit inside their stretches
-    dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=int(min(window or min(S, 64), S)),
+    in_parts = all(admits_in_parts(lo.clients) for lo in los)
+    dims = EngineDims(num_requests=N, num_clients=C, slots=S, window=default_window(S, in_parts, window),
                       queue=int(queue or default_queue(N)), stages=K, stretch=max(stretch, 1), pools=P, pipelines=NP,
                       absorb=int(absorb) if absorb is not None else
                       SWEEP_ABSORB if 2 * lone >= len(dep_id) else 0)
