@@ -27,6 +27,7 @@ from pathlib import Path
 import mist  # noqa: F401
 import mist.sweep
 from mist.sweep import prepare, run_prepared
+from mist.engine.tables import DEFAULT_WINDOW_IN_PARTS
 from mist.sweep.lowering import SWEEP_ABSORB
 
 
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} (shared with other jobs)",
            "jax_backend": mist._jax.default_backend(), "devices": len(mist._jax.devices()),
            "deployment": f"Llama-3.1-8B, 1 replica, chunked; slots {args.slots}, stretch {args.stretch}"
-                         + f", absorb {SWEEP_ABSORB if args.absorb is None else args.absorb}",
+                         + f", absorb {SWEEP_ABSORB if args.absorb is None else args.absorb}"
+                         + f", window {DEFAULT_WINDOW_IN_PARTS}",
            "results": rows, "target_1000x10k": target, "measured_10k": big}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
