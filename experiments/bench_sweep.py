@@ -27,7 +27,6 @@ from pathlib import Path
 import mist  # noqa: F401
 import mist.sweep
 from mist.sweep import prepare, run_prepared
-from mist.engine.tables import DEFAULT_WINDOW_IN_PARTS
 from mist.sweep.lowering import SWEEP_ABSORB
 
 
@@ -58,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_sweep.json"))
     args = ap.parse_args(argv)
-    rows = []
+    rows, windows = [], set()
     cost = {}  # requests -> (seconds per lane-step, mean steps per config and request) measured so far
     overhead = (0, 1.0)  # (configs, lane-steps per config / mean config steps) of the largest sweep run so far
     for nr in args.requests:
@@ -75,6 +74,7 @@ def main(argv=None) -> int:
             df = run_prepared(prep, progress=False)
             total = time.perf_counter() - t1
             info = prep.info
+            windows.add(prep.lowered.dims.window)  # the admission window the sweep ran with
             # the summaries run while the next compiled call simulates (see runner.run_chunks): `summ` is
             # the consumer's own time, `sweep_s` the wall time of simulation and summaries, compile excluded
             summ = total - info.run_s - info.compile_s
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
            "jax_backend": mist._jax.default_backend(), "devices": len(mist._jax.devices()),
            "deployment": f"Llama-3.1-8B, 1 replica, chunked; slots {args.slots}, stretch {args.stretch}"
                          + f", absorb {SWEEP_ABSORB if args.absorb is None else args.absorb}"
-                         + f", window {DEFAULT_WINDOW_IN_PARTS}",
+                         + f", window {'/'.join(map(str, sorted(windows)))}",
            "results": rows, "target_1000x10k": target, "measured_10k": big}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -16,7 +16,8 @@ from ..cost.iteration import (MixedBatch, breakdown, decode_dense_time, decode_r
                               dense_combine, dense_sample_pieces, dense_token_pieces, iteration_time,
                               prefill_attention, stretch_aggregates, sum_rows)
 from .state import EMPTY_SLOT, INF, SLOT_FIELDS, EngineState
-from .tables import ClientTable, EngineDims, Kind, Policy, Reject, Role, Router, Topology, Workload
+from .tables import (ClientTable, EngineDims, Kind, Policy, Reject, Role, Router, Topology, Workload,
+                     policy_admits_in_parts)
 
 I32 = jnp.int32
 F64 = jnp.float64
@@ -237,16 +238,6 @@ def arrival_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload
 
 
 # ------------------------------------------------------------------------------------ client steps
-def admit_only_policy(pol, role, is_llm):
-    """Clients whose admissions can be split over several steps at one time without changing what
-    is admitted: chunked-prefill LLM clients that prefill what they admit. Admission of the window's
-    entries is then exactly the first part of the admission of a longer window: the token budget,
-    KV blocks and slots the admitted rows take are what the next part sees them take (a decode-only
-    client's arrivals would count a block of growth more there; exclusive policies prefill only
-    what one step admitted)."""
-    return is_llm & (pol == Policy.CHUNKED) & (role != Role.DECODE_ONLY)
-
-
 def splits_admissions(dims: EngineDims, cl: ClientTable) -> bool:
     """Whether the compiled step splits a full window's admissions over steps (statically: not with
     swapping, whose swap-in time iteration 0 carries)."""
@@ -362,11 +353,11 @@ def client_step(dims: EngineDims, cl: ClientTable, topo: Topology, wl: Workload,
     # the window is full and the entry behind it is ready too: admit only, and run iteration 0 in the
     # next step (at the same time), which admits from the entries behind the window into the same
     # iteration, so that a window smaller than a burst of admissions never caps it (see
-    # `admit_only_policy`; tables.DEFAULT_WINDOW_IN_PARTS)
+    # tables.policy_admits_in_parts and DEFAULT_WINDOW_IN_PARTS)
     run = go
     if splits_admissions(dims, cl):
         nxt_ready = (qlen > A) & (st.q_ready[c, (st.q_head[c] + A) % Q] <= t)
-        run = go & ~(admit_only_policy(pol, role, is_llm) & (n_admit >= A) & nxt_ready)
+        run = go & ~(policy_admits_in_parts(pol, role, is_llm) & (n_admit >= A) & nxt_ready)
 
     # ---- preemption (recompute): the most recent admissions (the last running slots) until the grown
     # batch fits; slot i is a victim while the blocks of the slots after it do not cover the excess

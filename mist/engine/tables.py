@@ -91,14 +91,24 @@ DEFAULT_WINDOW = 64
 DEFAULT_WINDOW_IN_PARTS = 16
 
 
+def policy_admits_in_parts(pol, role, is_llm):
+    """Clients whose admissions can be split over several steps at one time without changing what
+    is admitted (elementwise, NumPy or JAX): chunked-prefill LLM clients that prefill what they
+    admit. Admission of the window's entries is then exactly the first part of the admission of a
+    longer window: the token budget, KV blocks and slots the admitted rows take are what the next
+    part sees them take (a decode-only client's arrivals would count a block of growth more there;
+    exclusive policies prefill only what one step admitted)."""
+    return is_llm & (pol == Policy.CHUNKED) & (role != Role.DECODE_ONLY)
+
+
 def admits_in_parts(cl) -> bool:
-    """Whether every enabled client of a (host) client table admits in parts: LLM clients with
-    chunked prefill that are not decode-only, and no swapping anywhere."""
+    """Whether every enabled client of a (host) client table admits in parts
+    (`policy_admits_in_parts`), with no swapping anywhere."""
     if cl.swap_bandwidth is not None:
         return False
     on = np.asarray(cl.enabled)
-    return bool(np.all((np.asarray(cl.kind)[on] == Kind.LLM) & (np.asarray(cl.policy)[on] == Policy.CHUNKED)
-                       & (np.asarray(cl.role)[on] != Role.DECODE_ONLY)))
+    return bool(np.all(policy_admits_in_parts(np.asarray(cl.policy), np.asarray(cl.role),
+                                              np.asarray(cl.kind) == Kind.LLM)[on]))
 
 
 def default_window(slots: int, in_parts: bool, window: int | None = None) -> int:
